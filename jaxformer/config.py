@@ -1,0 +1,211 @@
+"""Typed config schemas (Hydra ConfigStore) and their validation.
+
+The YAML files under `conf/` are merged onto these dataclasses, so an unknown key or a wrong type fails
+at composition time; `OmegaConf.to_object` then builds the dataclasses and each `__post_init__` checks
+values, raising `ConfigError` with one line that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "sigmoid", "silu")
+POSITIONS = ("sinusoidal", "learned")
+NORMS = ("pre", "post", "none")
+DTYPES = ("float32", "bfloat16")
+INITS = ("normal", "xavier", "he")
+ATTENTION_IMPLS = ("xla", "reference")
+MODEL_KINDS = ("decoder",)
+TASKS = ("addition",)
+SCHEDULES = ("cosine", "constant")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key and how to fix it."""
+
+
+def _check_positive(prefix: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{prefix}.{name}={value} must be a positive number")
+
+
+def _check_choice(prefix: str, obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        raise ConfigError(f"{prefix}.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "decoder"
+    vocab_size: Optional[int] = None  # None: taken from the task's tokenizer
+    max_len: int = 32  # context window (positions table size)
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 512
+    activation: str = "gelu"
+    positions: str = "learned"
+    norm: str = "pre"
+    residual: bool = True
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    init: str = "normal"  # dense kernels: normal(0.02) | xavier (Glorot uniform) | he (He normal)
+    attention: str = "xla"  # xla: jax.nn.dot_product_attention | reference: explicit softmax
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_choice("model", self, "kind", MODEL_KINDS)
+        _check_positive("model", self, "max_len", "d_model", "n_heads", "n_layers", "d_ff")
+        if self.vocab_size is not None:
+            _check_positive("model", self, "vocab_size")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
+                "pick d_model as a multiple of n_heads"
+            )
+        _check_choice("model", self, "activation", ACTIVATIONS)
+        _check_choice("model", self, "positions", POSITIONS)
+        _check_choice("model", self, "norm", NORMS)
+        _check_choice("model", self, "init", INITS)
+        _check_choice("model", self, "attention", ATTENTION_IMPLS)
+        _check_choice("model", self, "dtype", DTYPES)
+        _check_choice("model", self, "param_dtype", DTYPES)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "addition"
+    min_digits: int = 1  # operands have between min_digits and max_digits digits
+    max_digits: int = 3
+    reverse_answer: bool = True  # answer digits least-significant first (Lee et al. 2023)
+    pad_operands: bool = True  # zero-pad operands to max_digits and the answer to max_digits + 1
+    train_size: Optional[int] = None  # unique training problems; None: sample all non-held-out ones
+    eval_size: int = 500  # held-out problems used for evaluation
+    split_seed: int = 1234  # fixes the held-out set independently of the run's seed
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self, "name", TASKS)
+        _check_positive("task", self, "min_digits", "max_digits", "eval_size")
+        if self.min_digits > self.max_digits:
+            raise ConfigError(
+                f"task.min_digits={self.min_digits} exceeds task.max_digits={self.max_digits}"
+            )
+        if self.max_digits > 9:
+            raise ConfigError(f"task.max_digits={self.max_digits} must be at most 9")
+        if self.train_size is not None:
+            _check_positive("task", self, "train_size")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.98
+    eps: float = 1e-9
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for the cosine schedule
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables it
+
+    def __post_init__(self) -> None:
+        _check_choice("optim", self, "name", ("adamw",))
+        _check_choice("optim", self, "schedule", SCHEDULES)
+        _check_positive("optim", self, "lr")
+        for name in ("weight_decay", "warmup_steps", "clip_norm", "min_lr_ratio", "eps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 2000
+    batch_size: int = 64
+    log_every: int = 50
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    eval_batch_size: int = 250
+    num_samples: int = 4  # completions printed at the end of training
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "trainer", self, "steps", "batch_size", "log_every", "eval_every",
+            "checkpoint_every", "keep_checkpoints", "eval_batch_size",
+        )
+        if self.num_samples < 0:
+            raise ConfigError(f"trainer.num_samples={self.num_samples} must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "jaxformer"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # None: the experiment name
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.wandb", self, "mode", WANDB_MODES)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    jsonl: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    name: str = "default"  # experiment name: the wandb group and the run dir's parent
+
+
+def register_configs() -> None:
+    """Register the schemas so `conf/` YAML is validated against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, node in (
+        ("model", ModelConfig), ("task", TaskConfig), ("optim", OptimConfig),
+        ("trainer", TrainerConfig), ("logger", LoggerConfig),
+    ):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Build (and so validate) the typed config from a composed DictConfig."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf type errors, missing values
+        raise ConfigError(str(err).splitlines()[0]) from None
+    if not isinstance(obj, TrainConfig):
+        raise ConfigError("the composed config is not a TrainConfig: start it from conf/train.yaml")
+    return obj
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

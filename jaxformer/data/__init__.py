@@ -1,0 +1,1 @@
+"""Tokenizers, synthetic tasks and grain pipelines."""

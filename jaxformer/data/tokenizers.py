@@ -1,0 +1,38 @@
+"""Tokenizers (Hugging Face `tokenizers`): a character-level one for synthetic tasks.
+
+Every tokenizer reserves the same special ids so the models, losses and samplers can rely on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+
+
+def char_tokenizer(alphabet: str) -> Tokenizer:
+    """One token per character of `alphabet`, after the four special tokens (ids 0-3)."""
+    if len(set(alphabet)) != len(alphabet):
+        raise ValueError(f"alphabet {alphabet!r} repeats a character")
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({char: len(SPECIAL_TOKENS) + i for i, char in enumerate(alphabet)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # in Oniguruma (?m) lets "." match a newline too: every character is its own token
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters join back without separators
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
+    tokenizer.save(str(path))
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist: point to a tokenizer.json")
+    return Tokenizer.from_file(str(path))

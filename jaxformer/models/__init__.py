@@ -1,0 +1,5 @@
+"""Model families built from shared layers; `build_model` maps a ModelConfig to a module."""
+
+from jaxformer.models.registry import MODELS, build_model, resolve_model_config
+
+__all__ = ["MODELS", "build_model", "resolve_model_config"]

@@ -1,0 +1,26 @@
+"""model.kind -> model class; the one place that maps config to a model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+
+from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.models.decoder import Decoder
+
+MODELS = {"decoder": Decoder}
+
+
+def resolve_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
+    """Fill `vocab_size` from the tokenizer, refusing a config that disagrees with it."""
+    if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens: "
+            "set model.vocab_size=null to take it from the tokenizer"
+        )
+    return dataclasses.replace(cfg, vocab_size=cfg.vocab_size or vocab_size)
+
+
+def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:
+    return MODELS[cfg.kind](cfg, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,89 @@
+"""Trackers: where metrics go. One protocol, three sinks (wandb, a local JSONL mirror, nothing).
+
+Each `log` call writes one record: `{"step": ..., "split": "train" | "eval", **metrics}`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Tracker(Protocol):
+    def log(self, metrics: dict[str, Any], step: int, split: str) -> None: ...
+    def summary(self, values: dict[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+class JsonlTracker:
+    """Appends to `metrics.jsonl`; on resume, drops records past the restored step so the file
+    reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = Path(path)
+        if resume_step and self.path.exists():
+            kept = [
+                line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+
+    def log(self, metrics: dict[str, Any], step: int, split: str) -> None:
+        self.file.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        self.file.flush()
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self.log(values, values.get("step", 0), "summary")
+
+    def finish(self) -> None:
+        self.file.close()
+
+
+class WandbTracker:
+    """A wandb run in the run dir; the id is kept in `wandb_run_id` so a resumed job continues it."""
+
+    def __init__(self, run_dir: Path, mode: str, project: str, entity: str | None, group: str,
+                 name: str, tags: list[str], config: dict[str, Any]):
+        import wandb
+
+        id_file = Path(run_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=project, entity=entity, group=group, name=name, tags=list(tags),
+            config=config, dir=str(run_dir), mode=mode, id=run_id, resume="allow",
+            settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True),
+        )
+
+    @property
+    def location(self) -> str:
+        return str(Path(self.run.dir).parent)
+
+    def log(self, metrics: dict[str, Any], step: int, split: str) -> None:
+        self.run.log({f"{split}/{key}": value for key, value in metrics.items()}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        self.run.summary.update(values)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+class MultiTracker:
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log(self, metrics: dict[str, Any], step: int, split: str) -> None:
+        for tracker in self.trackers:
+            tracker.log(metrics, step, split)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.summary(values)
+
+    def finish(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()

@@ -1,0 +1,1 @@
+"""Training: optimizer, train state, the pure jitted step, checkpoints and the loop."""

@@ -1,0 +1,36 @@
+"""optax optimizer and learning-rate schedule from OptimConfig."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from jaxformer.config import OptimConfig
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if cfg.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)], [warmup]
+        )
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = make_schedule(cfg, total_steps)
+    adamw = optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    return adamw
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: biases and norm scales (1-D) are left alone."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)

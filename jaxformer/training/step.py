@@ -1,0 +1,50 @@
+"""The pure train and eval steps: merge the model inside jit, compute, return a new state.
+
+The graphdef is closed over (static); the TrainState is donated so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import optax
+from flax import nnx
+
+from jaxformer.objectives import causal_lm_loss
+from jaxformer.training.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def _lm_loss(model: nnx.Module, batch: Batch, deterministic: bool, rngs: nnx.Rngs | None):
+    tokens_bt = batch["tokens"]
+    logits_btv = model(tokens_bt[:, :-1], deterministic=deterministic, rngs=rngs)
+    return causal_lm_loss(logits_btv, tokens_bt, batch["loss_mask"])
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+
+        def loss_fn(params):
+            return _lm_loss(nnx.merge(graphdef, params, rest), batch, False, rngs)
+
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[[nnx.State, Batch], dict]:
+    def eval_step(params: nnx.State, batch: Batch) -> dict:
+        return _lm_loss(nnx.merge(graphdef, params, rest), batch, True, None)[1]
+
+    return jax.jit(eval_step)

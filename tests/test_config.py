@@ -1,0 +1,90 @@
+"""Config composition and validation: every experiment composes, bad values fail clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from conftest import REPO, run_module
+from jaxformer.config import ConfigError, ModelConfig, TrainConfig, register_configs, to_train_config
+
+register_configs()
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_default_config_composes_to_typed_schema():
+    config = to_train_config(compose_train())
+    assert isinstance(config, TrainConfig)
+    assert config.model.kind == "decoder" and config.task.name == "addition"
+    assert config.logger.wandb.mode == "offline"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    config = to_train_config(compose_train(f"experiment={experiment}"))
+    assert config.trainer.steps > 0
+
+
+def test_quickstart_is_an_experiment():
+    assert "quickstart" in EXPERIMENTS
+
+
+def test_override_reaches_typed_config():
+    config = to_train_config(compose_train("model.n_layers=4", "optim.lr=0.01", "seed=3"))
+    assert (config.model.n_layers, config.optim.lr, config.seed) == (4, 0.01, 3)
+
+
+def test_unknown_key_fails_at_composition():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_train("model.n_layerz=4")
+
+
+def test_unknown_group_option_fails_at_composition():
+    with pytest.raises(ConfigCompositionException):
+        compose_train("model=transformerXL")
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises(Exception, match="n_layers"):
+        compose_train("model.n_layers=deep")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"d_model": 30, "n_heads": 4}, "model.d_model=30 is not divisible by model.n_heads=4"),
+        ({"n_layers": 0}, "model.n_layers=0 must be a positive number"),
+        ({"activation": "swish2"}, "model.activation='swish2' is not one of"),
+        ({"positions": "alibi"}, "model.positions='alibi' is not one of"),
+        ({"norm": "sandwich"}, "model.norm='sandwich' is not one of"),
+        ({"dropout": 1.5}, "model.dropout=1.5 must be in"),
+    ],
+)
+def test_bad_model_values_name_the_key(fields, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        ModelConfig(**fields)
+
+
+def test_bad_values_through_hydra_raise_config_error():
+    with pytest.raises(ConfigError, match="trainer.steps=-5 must be a positive number"):
+        to_train_config(compose_train("trainer.steps=-5"))
+    with pytest.raises(ConfigError, match="logger.wandb.mode='loud'"):
+        to_train_config(compose_train("logger.wandb.mode=loud"))
+
+
+def test_cli_bad_value_is_one_clear_line(tmp_path: Path):
+    proc = run_module("jaxformer.train", "model.d_model=30", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines == [
+        "error: model.d_model=30 is not divisible by model.n_heads=4: pick d_model as a multiple of n_heads"
+    ]

@@ -1,0 +1,112 @@
+"""End-to-end training: loss falls, resume is exact, bad runs fail clearly, the CLI works."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import replace, run_module, tiny_config
+from jaxformer.config import ConfigError
+from jaxformer.training.loop import train
+
+
+def records(run_dir: Path, split: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_loss_decreases_on_a_tiny_run(tmp_path):
+    config = replace(tiny_config(steps=40, eval_every=40, checkpoint_every=40), optim={"lr": 3e-3})
+    result = train(config, tmp_path)
+    losses = [r["loss"] for r in records(tmp_path, "train")]
+    assert len(losses) == 40 and losses[-1] < 0.7 * losses[0]
+    assert result.step == 40 and 0.0 <= result.eval_metrics["exact_match"] <= 1.0
+    assert {"step", "split", "loss", "tokens_per_s", "lr"} <= set(records(tmp_path, "train")[0])
+    assert records(tmp_path, "eval")[-1]["step"] == 40
+    assert (tmp_path / "tokenizer.json").exists()
+
+
+def test_resume_continues_the_step_count_and_is_exact(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(tiny_config(), straight)
+    train(tiny_config(), interrupted)
+    # simulate a crash after the step-3 checkpoint: drop the final one, then rerun the same command
+    shutil.rmtree(interrupted / "checkpoints" / "6")
+    result = train(tiny_config(), interrupted)
+    assert result.step == 6
+    steps = [r["step"] for r in records(interrupted, "train")]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 4, records past the checkpoint replaced
+    assert records(interrupted, "train") == [
+        {**r, "tokens_per_s": s["tokens_per_s"]}
+        for r, s in zip(records(straight, "train"), records(interrupted, "train"))
+    ]
+    assert records(interrupted, "eval")[-1] == records(straight, "eval")[-1]
+
+
+def test_finished_run_resumes_without_training(tmp_path):
+    train(tiny_config(), tmp_path)
+    result = train(tiny_config(), tmp_path)
+    assert result.step == 6 and len(records(tmp_path, "train")) == 6
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    train(tiny_config(steps=3), tmp_path)
+    other = replace(tiny_config(steps=6), model={"d_model": 64})
+    with pytest.raises(ConfigError, match=r"written by another model \(model.d_model=32 there, 64 now"):
+        train(other, tmp_path)
+
+
+def test_unwritable_run_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="is not writable"):
+        train(tiny_config(), blocker / "run")
+
+
+def test_model_context_too_short_for_task(tmp_path):
+    config = replace(tiny_config(), model={"max_len": 8})
+    with pytest.raises(ConfigError, match="model.max_len=8"):
+        train(config, tmp_path)
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    config = replace(tiny_config(steps=20, eval_every=100, checkpoint_every=100),
+                     optim={"lr": 1e30, "clip_norm": 0.0, "warmup_steps": 0})
+    with pytest.raises(FloatingPointError, match="train loss is nan at step"):
+        train(config, tmp_path)
+
+
+TINY_CLI = [
+    "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.max_len=16",
+    "task.max_digits=2", "task.eval_size=16", "trainer.batch_size=8", "trainer.eval_batch_size=16",
+    "trainer.log_every=1", "trainer.eval_every=2", "trainer.checkpoint_every=2",
+    "trainer.progress=false",
+]
+
+
+def test_cli_trains_logs_and_resumes_with_wandb_offline(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY_CLI, "trainer.steps=2", f"hydra.run.dir={run_dir}", "logger.wandb.mode=offline"]
+    first = run_module("jaxformer.train", *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "held-out greedy exact match after 2 steps" in first.stdout
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    second = run_module("jaxformer.train", *args[:-3], "trainer.steps=4", *args[-2:])
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4]
+    assert (run_dir / "wandb_run_id").exists()
+
+
+def test_cli_multirun_sweep(tmp_path):
+    proc = run_module(
+        "jaxformer.train", "-m", *TINY_CLI, "trainer.steps=2", "model.n_layers=1,2",
+        f"hydra.sweep.dir={tmp_path}", "logger.wandb.mode=disabled",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
+    assert len(runs) == 2
+    assert all(records(run, "eval") for run in runs)
