@@ -168,8 +168,7 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    jsonl: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # metrics.jsonl is always written
 
 
 @dataclass

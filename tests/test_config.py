@@ -34,8 +34,12 @@ def test_every_experiment_composes(experiment):
     assert config.trainer.steps > 0
 
 
-def test_quickstart_is_an_experiment():
-    assert "quickstart" in EXPERIMENTS
+def test_experiment_values_override_the_root_config():
+    config = to_train_config(compose_train("experiment=quickstart"))
+    assert config.name == "quickstart" and config.trainer.steps == 1500
+    # and the command line still overrides the experiment
+    config = to_train_config(compose_train("experiment=quickstart", "trainer.steps=7"))
+    assert config.trainer.steps == 7
 
 
 def test_override_reaches_typed_config():
@@ -87,4 +91,15 @@ def test_cli_bad_value_is_one_clear_line(tmp_path: Path):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines == [
         "error: model.d_model=30 is not divisible by model.n_heads=4: pick d_model as a multiple of n_heads"
+    ]
+
+
+def test_cli_unwritable_run_dir_is_one_clear_line(tmp_path: Path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = run_module("jaxformer.train", f"hydra.run.dir={blocker}/run")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: hydra.run.dir={blocker}/run is not writable ({blocker} is not a writable "
+        "directory): choose another directory"
     ]

@@ -169,7 +169,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
                     f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
                     f"exact match {eval_metrics['exact_match']:.3f}"
                 )
-            checkpointer.save(step, state, data_iter.get_state(), meta, force=step == trainer.steps)
+            if checkpointer.should_save(step) or step == trainer.steps:
+                checkpointer.save(step, state, data_iter.get_state(), meta, force=True)
         flush()
         if not eval_metrics:  # resumed an already finished run: evaluate what was restored
             eval_metrics = evaluate(start_step)
