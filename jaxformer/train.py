@@ -6,14 +6,13 @@ Re-running with the same `hydra.run.dir` resumes from its latest checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from jaxformer.cli import preflight
 from jaxformer.config import ConfigError, register_configs, to_train_config
 
 register_configs()
@@ -41,21 +40,6 @@ def report(result) -> None:
           + ("  (sync with: wandb sync " + result.wandb_dir + ")" if result.wandb_dir else ""))
 
 
-def check_output_dir_args(argv: list[str]) -> None:
-    """Hydra creates the run dir before `main` runs, and fails on a bad one with a traceback;
-    check `hydra.run.dir` / `hydra.sweep.dir` overrides first so the user gets one line."""
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in ("hydra.run.dir", "hydra.sweep.dir") or not value:
-            continue
-        path = Path(value.split("${")[0] or ".").absolute()
-        while not path.exists():
-            path = path.parent
-        if not path.is_dir() or not os.access(path, os.W_OK):
-            sys.exit(f"error: {key}={value} is not writable ({path} is not a writable directory): "
-                     "choose another directory")
-
-
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     from jaxformer.training.loop import train  # after config checks: importing jax is slow
@@ -73,5 +57,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    check_output_dir_args(sys.argv[1:])
+    preflight(sys.argv[1:], "train", to_train_config)
     main()

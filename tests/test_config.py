@@ -103,3 +103,18 @@ def test_cli_unwritable_run_dir_is_one_clear_line(tmp_path: Path):
         f"error: hydra.run.dir={blocker}/run is not writable ({blocker} is not a writable "
         "directory): choose another directory"
     ]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_layerz=3", "error: Could not override 'model.n_layerz': Key 'n_layerz' not in 'ModelConfig'"),
+        ("model=transformerXL", "error: In 'train': Could not find 'model/transformerXL' (options: decoder)"),
+        ("experiment=nope", "error: In 'train': Could not find 'experiment/nope' (options: quickstart)"),
+        ("trainer.steps=0", "error: trainer.steps=0 must be a positive number"),
+    ],
+)
+def test_cli_unknown_keys_groups_and_values_are_one_line(override, message):
+    proc = run_module("jaxformer.train", "-m", override)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [message]
