@@ -15,13 +15,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "sigmoid", "silu")
-POSITIONS = ("sinusoidal", "learned")
+POSITIONS = ("sinusoidal", "learned", "rope")
 NORMS = ("pre", "post", "none")
 DTYPES = ("float32", "bfloat16")
 INITS = ("normal", "xavier", "he")
 ATTENTION_IMPLS = ("xla", "reference")
-MODEL_KINDS = ("decoder",)
-TASKS = ("addition",)
+MODEL_KINDS = ("encoder", "decoder", "encoder_decoder")
+POOLINGS = ("cls", "mean")
+TASKS = ("addition", "reverse", "sort", "is_sorted")
 SCHEDULES = ("cosine", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -45,29 +46,39 @@ def _check_choice(prefix: str, obj: Any, name: str, choices: tuple[str, ...]) ->
 
 @dataclass
 class ModelConfig:
-    kind: str = "decoder"
+    kind: str = "decoder"  # encoder (BERT-like) | decoder (GPT-like) | encoder_decoder (T5-like)
     vocab_size: Optional[int] = None  # None: taken from the task's tokenizer
     max_len: int = 32  # context window (positions table size)
     d_model: int = 128
     n_heads: int = 4
-    n_layers: int = 2
+    n_layers: int = 2  # blocks per stack (the encoder's, for encoder_decoder)
+    n_decoder_layers: Optional[int] = None  # encoder_decoder's decoder stack; None: n_layers
     d_ff: int = 512
     activation: str = "gelu"
     positions: str = "learned"
+    rope_theta: float = 10000.0
     norm: str = "pre"
     residual: bool = True
+    embed_norm: bool = False  # LayerNorm after the embeddings (BERT)
+    final_norm: Optional[bool] = None  # LayerNorm after the last block; None: only for pre-LN
+    bias: bool = True  # biases in the attention and MLP projections
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5
     init: str = "normal"  # dense kernels: normal(0.02) | xavier (Glorot uniform) | he (He normal)
     attention: str = "xla"  # xla: jax.nn.dot_product_attention | reference: explicit softmax
+    scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
+    type_vocab_size: int = 0  # encoder token-type (segment) embeddings; 0: none
+    num_classes: int = 0  # encoder classification head; 0: none (set from a classification task)
+    pooling: str = "cls"  # classification input: cls (first token, tanh pooler) | mean
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_choice("model", self, "kind", MODEL_KINDS)
         _check_positive("model", self, "max_len", "d_model", "n_heads", "n_layers", "d_ff")
-        if self.vocab_size is not None:
-            _check_positive("model", self, "vocab_size")
+        for name in ("vocab_size", "n_decoder_layers"):
+            if getattr(self, name) is not None:
+                _check_positive("model", self, name)
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
@@ -78,32 +89,66 @@ class ModelConfig:
         _check_choice("model", self, "norm", NORMS)
         _check_choice("model", self, "init", INITS)
         _check_choice("model", self, "attention", ATTENTION_IMPLS)
+        _check_choice("model", self, "pooling", POOLINGS)
         _check_choice("model", self, "dtype", DTYPES)
         _check_choice("model", self, "param_dtype", DTYPES)
+        if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ConfigError(
+                f"model.positions=rope needs an even head dim, but d_model/n_heads = "
+                f"{self.d_model}/{self.n_heads} = {self.d_model // self.n_heads}: change d_model or n_heads"
+            )
+        _check_positive("model", self, "rope_theta", "layer_norm_eps")
+        for name in ("type_vocab_size", "num_classes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def use_final_norm(self) -> bool:
+        # pre-LN leaves the residual stream unnormalised, so it needs a final norm (GPT-2's ln_f)
+        return self.norm == "pre" if self.final_norm is None else self.final_norm
 
 
 @dataclass
 class TaskConfig:
+    """One schema for every synthetic task; each task reads the fields of its section."""
+
     name: str = "addition"
+    # addition: "a+b=" -> digits of a + b
     min_digits: int = 1  # operands have between min_digits and max_digits digits
     max_digits: int = 3
     reverse_answer: bool = True  # answer digits least-significant first (Lee et al. 2023)
     pad_operands: bool = True  # zero-pad operands to max_digits and the answer to max_digits + 1
+    # reverse, sort, is_sorted: sequences of min_length..max_length symbols from n_symbols
+    min_length: int = 2
+    max_length: int = 8
+    n_symbols: int = 10  # the first n_symbols of 0-9a-z
+    # every task
     train_size: Optional[int] = None  # unique training problems; None: sample all non-held-out ones
     eval_size: int = 500  # held-out problems used for evaluation
     split_seed: int = 1234  # fixes the held-out set independently of the run's seed
+    mask_prob: float = 0.15  # encoder masked-LM: share of tokens to predict (80% <mask>, 10% random, 10% kept)
 
     def __post_init__(self) -> None:
         _check_choice("task", self, "name", TASKS)
-        _check_positive("task", self, "min_digits", "max_digits", "eval_size")
+        _check_positive(
+            "task", self, "min_digits", "max_digits", "eval_size", "min_length", "max_length",
+        )
         if self.min_digits > self.max_digits:
             raise ConfigError(
                 f"task.min_digits={self.min_digits} exceeds task.max_digits={self.max_digits}"
             )
         if self.max_digits > 9:
             raise ConfigError(f"task.max_digits={self.max_digits} must be at most 9")
+        if self.min_length > self.max_length:
+            raise ConfigError(
+                f"task.min_length={self.min_length} exceeds task.max_length={self.max_length}"
+            )
+        if not 2 <= self.n_symbols <= 36:
+            raise ConfigError(f"task.n_symbols={self.n_symbols} must be between 2 and 36")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"task.mask_prob={self.mask_prob} must be in (0, 1)")
         if self.train_size is not None:
             _check_positive("task", self, "train_size")
 

@@ -9,17 +9,18 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+PAD, BOS, EOS, UNK, MASK = "<pad>", "<bos>", "<eos>", "<unk>", "<mask>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, MASK)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+NUM_SPECIAL = len(SPECIAL_TOKENS)  # the first alphabet character's id
 
 
 def char_tokenizer(alphabet: str) -> Tokenizer:
-    """One token per character of `alphabet`, after the four special tokens (ids 0-3)."""
+    """One token per character of `alphabet`, after the special tokens (ids 0..NUM_SPECIAL-1)."""
     if len(set(alphabet)) != len(alphabet):
         raise ValueError(f"alphabet {alphabet!r} repeats a character")
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    vocab.update({char: len(SPECIAL_TOKENS) + i for i, char in enumerate(alphabet)})
+    vocab.update({char: NUM_SPECIAL + i for i, char in enumerate(alphabet)})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     # in Oniguruma (?m) lets "." match a newline too: every character is its own token
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.layers import dense_init, dtypes
+from jaxformer.models.layers import apply_rope, dense
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -60,29 +60,43 @@ def dot_product_attention(
 
 
 class MultiHeadAttention(nnx.Module):
-    """Multi-head attention; self-attention when `context_bsd` is None, cross-attention otherwise."""
+    """Multi-head attention; self-attention when `context_bsd` is None, cross-attention otherwise.
+
+    With `positions="rope"`, self-attention rotates queries and keys by their positions; cross-attention
+    does not (its keys live in another sequence). With `capture_weights` set (and the reference
+    implementation), the attention weights are sown as `nnx.Intermediate` for inspection.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        init = dense_init(cfg)
-        linear = lambda: nnx.Linear(  # noqa: E731
-            cfg.d_model, cfg.d_model, kernel_init=init, rngs=rngs, **dtypes(cfg)
+        self.query, self.key, self.value, self.out = (
+            dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs) for _ in range(4)
         )
-        self.query, self.key, self.value, self.out = linear(), linear(), linear(), linear()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.implementation = cfg.attention
+        self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
+        self.capture_weights = False
 
     def _heads(self, x_btd: jax.Array) -> jax.Array:
         return x_btd.reshape(*x_btd.shape[:-1], self.n_heads, self.head_dim)
 
     def __call__(
-        self, x_btd: jax.Array, context_bsd: jax.Array | None = None, mask: jax.Array | None = None
+        self, x_btd: jax.Array, context_bsd: jax.Array | None = None, *,
+        mask: jax.Array | None = None, positions_bt: jax.Array | None = None,
     ) -> jax.Array:
-        context_bsd = x_btd if context_bsd is None else context_bsd
+        is_self = context_bsd is None
+        context_bsd = x_btd if is_self else context_bsd
         q_bthd = self._heads(self.query(x_btd))
         k_bshd = self._heads(self.key(context_bsd))
         v_bshd = self._heads(self.value(context_bsd))
-        out_bthd = dot_product_attention(
-            q_bthd, k_bshd, v_bshd, mask=mask, implementation=self.implementation
-        )
+        if self.rope_theta is not None and is_self:
+            q_bthd = apply_rope(q_bthd, positions_bt, self.rope_theta)
+            k_bshd = apply_rope(k_bshd, positions_bt, self.rope_theta)
+        if self.capture_weights:
+            out_bthd, weights_bhts = reference_attention(q_bthd, k_bshd, v_bshd, mask)
+            self.sow(nnx.Intermediate, "attention_weights", weights_bhts)
+        else:
+            out_bthd = dot_product_attention(
+                q_bthd, k_bshd, v_bshd, mask=mask, implementation=self.implementation
+            )
         return self.out(out_bthd.reshape(x_btd.shape))

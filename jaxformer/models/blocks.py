@@ -1,4 +1,9 @@
-"""Transformer blocks with norm-placement and residual switches, and the layer stack."""
+"""Transformer blocks with norm-placement and residual switches, and the layer stack.
+
+A `LayerStack` stores its blocks' parameters stacked on a leading layer axis (one layout for every
+depth and mode, so checkpoints and weight conversion never depend on how the stack runs) and runs
+them either with `lax.scan` (compile time flat in depth) or unrolled (per-layer diagnostics).
+"""
 
 from __future__ import annotations
 
@@ -29,15 +34,84 @@ class Sublayer(nnx.Module):
         return self.norm(h_btd) if self.placement == "post" else h_btd
 
 
-class DecoderBlock(nnx.Module):
-    """Self-attention (causal mask passed in) then MLP, each wrapped in a Sublayer."""
+class Block(nnx.Module):
+    """Self-attention, then cross-attention to `memory_bsd` (decoder of an encoder-decoder only),
+    then the MLP; each wrapped in a Sublayer. The self-attention mask decides causal or not."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, rngs: nnx.Rngs):
         self.attention = MultiHeadAttention(cfg, rngs=rngs)
         self.attention_branch = Sublayer(cfg, rngs=rngs)
+        if cross_attention:
+            self.cross_attention = MultiHeadAttention(cfg, rngs=rngs)
+            self.cross_attention_branch = Sublayer(cfg, rngs=rngs)
+        self.has_cross_attention = cross_attention
         self.mlp = MLP(cfg, rngs=rngs)
         self.mlp_branch = Sublayer(cfg, rngs=rngs)
 
-    def __call__(self, x_btd: jax.Array, mask: jax.Array | None, **dropout_kw) -> jax.Array:
-        x_btd = self.attention_branch(x_btd, lambda h: self.attention(h, mask=mask), **dropout_kw)
+    def __call__(
+        self, x_btd: jax.Array, mask: jax.Array | None, positions_bt: jax.Array,
+        memory_bsd: jax.Array | None = None, memory_mask: jax.Array | None = None, **dropout_kw,
+    ) -> jax.Array:
+        x_btd = self.attention_branch(
+            x_btd, lambda h: self.attention(h, mask=mask, positions_bt=positions_bt), **dropout_kw
+        )
+        if self.has_cross_attention:
+            x_btd = self.cross_attention_branch(
+                x_btd, lambda h: self.cross_attention(h, memory_bsd, mask=memory_mask), **dropout_kw
+            )
         return self.mlp_branch(x_btd, self.mlp, **dropout_kw)
+
+
+class LayerStack(nnx.Module):
+    """`n_layers` Blocks with parameters stacked on axis 0, run by `lax.scan` or unrolled."""
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, *, cross_attention: bool = False,
+                 rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, cross_attention=cross_attention, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.n_layers = n_layers
+        self.scan = cfg.scan_layers
+
+    def __call__(
+        self, x_btd: jax.Array, mask: jax.Array | None, positions_bt: jax.Array,
+        memory_bsd: jax.Array | None = None, memory_mask: jax.Array | None = None, *,
+        deterministic: bool = True, rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        graphdef, params = nnx.split(self.blocks)
+        if deterministic:
+            keys_l = [None] * self.n_layers
+        else:  # one dropout key per layer
+            keys_l = jax.random.split(rngs.dropout(), self.n_layers)
+
+        def run_block(x_btd, layer_params, key):
+            block = nnx.merge(graphdef, layer_params)
+            layer_rngs = None if key is None else nnx.Rngs(dropout=key)
+            x_btd = block(x_btd, mask, positions_bt, memory_bsd, memory_mask,
+                          deterministic=deterministic, rngs=layer_rngs)
+            return x_btd, block
+
+        if self.scan and not self._captures_weights():
+            def body(x_btd, layer):
+                layer_params, key = layer
+                return run_block(x_btd, layer_params, key)[0], None
+
+            keys = None if deterministic else keys_l
+            x_btd, _ = jax.lax.scan(body, x_btd, (params, keys))
+            return x_btd
+        captured = []
+        for i in range(self.n_layers):
+            layer_params = jax.tree.map(lambda leaf: leaf[i], params)
+            x_btd, block = run_block(x_btd, layer_params, keys_l[i])
+            captured.append(nnx.pop(block, nnx.Intermediate))
+        if any(jax.tree.leaves(state) for state in captured):
+            self.sow(nnx.Intermediate, "layers", tuple(captured))
+        return x_btd
+
+    def _captures_weights(self) -> bool:
+        return any(
+            getattr(module, "capture_weights", False) for _, module in nnx.iter_modules(self.blocks)
+        )

@@ -1,4 +1,4 @@
-"""GPT-like decoder: token + position embeddings, causal blocks, final norm, tied LM head."""
+"""GPT-like decoder: token embedding + positions, causal blocks, final norm, tied LM head."""
 
 from __future__ import annotations
 
@@ -8,42 +8,42 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import causal_mask, combine_masks, padding_mask
-from jaxformer.models.blocks import DecoderBlock
-from jaxformer.models.layers import Embed, check_length, make_norm, make_positions
+from jaxformer.models.blocks import LayerStack
+from jaxformer.models.layers import Embed, Embeddings, make_norm, positions_like
+
+
+def require_vocab(cfg: ModelConfig) -> int:
+    if cfg.vocab_size is None:
+        raise ValueError("model.vocab_size is unset: build the model through models.build_model")
+    return cfg.vocab_size
 
 
 class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is unset: build the model through models.build_model")
         self.max_len = cfg.max_len
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg, rngs=rngs)
-        self.positions = make_positions(cfg, rngs=rngs)
-        self.embed_dropout = nnx.Dropout(cfg.dropout)
-        self.blocks = nnx.List([DecoderBlock(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        # pre-LN leaves the residual stream unnormalised, so it needs a final norm (GPT-2's ln_f)
-        self.final_norm = make_norm(cfg, rngs=rngs) if cfg.norm == "pre" else None
+        self.embed = Embed(require_vocab(cfg), cfg.d_model, cfg, rngs=rngs)
+        self.embeddings = Embeddings(cfg, rngs=rngs)
+        self.stack = LayerStack(cfg, cfg.n_layers, rngs=rngs)
+        self.final_norm = make_norm(cfg, rngs=rngs) if cfg.use_final_norm else None
+
+    def hidden(
+        self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, *,
+        deterministic: bool = True, rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Final hidden states (B, T, d_model); `valid_bt` masks padding keys."""
+        dropout_kw = {"deterministic": deterministic, "rngs": rngs}
+        positions_bt = positions_like(tokens_bt)
+        x_btd = self.embeddings(self.embed(tokens_bt), positions_bt, **dropout_kw)
+        mask = combine_masks(
+            causal_mask(tokens_bt.shape[1]), None if valid_bt is None else padding_mask(valid_bt)
+        )
+        x_btd = self.stack(x_btd, mask, positions_bt, **dropout_kw)
+        return x_btd if self.final_norm is None else self.final_norm(x_btd)
 
     def __call__(
-        self,
-        tokens_bt: jax.Array,
-        valid_bt: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
-        rngs: nnx.Rngs | None = None,
+        self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, *,
+        deterministic: bool = True, rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Next-token logits (B, T, vocab) for `tokens_bt`; `valid_bt` masks padding keys."""
-        length = tokens_bt.shape[1]
-        check_length(length, self.max_len)
-        dropout_kw = {"deterministic": deterministic, "rngs": rngs}
-        positions_bt = jnp.broadcast_to(jnp.arange(length), tokens_bt.shape)
-        x_btd = self.embed(tokens_bt) + self.positions(positions_bt).astype(self.embed.dtype)
-        x_btd = self.embed_dropout(x_btd, **dropout_kw)
-        mask = combine_masks(
-            causal_mask(length), None if valid_bt is None else padding_mask(valid_bt)
-        )
-        for block in self.blocks:
-            x_btd = block(x_btd, mask, **dropout_kw)
-        if self.final_norm is not None:
-            x_btd = self.final_norm(x_btd)
+        """Next-token logits (B, T, vocab), float32."""
+        x_btd = self.hidden(tokens_bt, valid_bt, deterministic=deterministic, rngs=rngs)
         return self.embed.attend(x_btd).astype(jnp.float32)

@@ -34,6 +34,12 @@ def dtypes(cfg: ModelConfig) -> dict:
     return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
 
 
+def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool | None = None):
+    """A Linear layer with the model's initialiser, dtypes and bias switch."""
+    return nnx.Linear(d_in, d_out, use_bias=cfg.bias if bias is None else bias,
+                      kernel_init=dense_init(cfg), rngs=rngs, **dtypes(cfg))
+
+
 class Embed(nnx.Module):
     """Token embedding; `attend` reuses the table as the output projection (tied weights)."""
 
@@ -54,9 +60,8 @@ class MLP(nnx.Module):
     """Position-wise feed-forward: d_model -> d_ff -> activation -> d_model."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        init = dense_init(cfg)
-        self.up = nnx.Linear(cfg.d_model, cfg.d_ff, kernel_init=init, rngs=rngs, **dtypes(cfg))
-        self.down = nnx.Linear(cfg.d_ff, cfg.d_model, kernel_init=init, rngs=rngs, **dtypes(cfg))
+        self.up = dense(cfg, cfg.d_model, cfg.d_ff, rngs=rngs)
+        self.down = dense(cfg, cfg.d_ff, cfg.d_model, rngs=rngs)
         self.activation = ACTIVATION_FNS[cfg.activation]
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
@@ -99,10 +104,56 @@ class LearnedPositions(nnx.Module):
         return jnp.take(self.embedding[...], positions_bt, axis=0)
 
 
-def make_positions(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+def make_positions(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module | None:
+    """Absolute positions added to the embeddings; None for rope (applied inside attention)."""
     if cfg.positions == "learned":
         return LearnedPositions(cfg, rngs=rngs)
-    return SinusoidalPositions(cfg)
+    if cfg.positions == "sinusoidal":
+        return SinusoidalPositions(cfg)
+    return None
+
+
+def apply_rope(x_bthd: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (Su et al. 2021), rotate-half layout (GPT-NeoX, LLaMA): channel i pairs
+    with i + D/2 and turns by positions * theta^(-2i/D), so q.k depends on relative position only."""
+    half = x_bthd.shape[-1] // 2
+    inv_freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h
+    cos, sin = jnp.cos(angles_bth)[:, :, None, :], jnp.sin(angles_bth)[:, :, None, :]
+    x1, x2 = x_bthd[..., :half].astype(jnp.float32), x_bthd[..., half:].astype(jnp.float32)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_bthd.dtype)
+
+
+class Embeddings(nnx.Module):
+    """What joins the token vectors before the first block: absolute positions (learned or
+    sinusoidal; none for rope), token types (BERT segments), an optional LayerNorm, dropout."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.positions = make_positions(cfg, rngs=rngs)
+        self.token_types = (
+            nnx.Param(EMBED_INIT(rngs.params(), (cfg.type_vocab_size, cfg.d_model),
+                                 jnp.dtype(cfg.param_dtype)))
+            if cfg.type_vocab_size else None
+        )
+        self.norm = (nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, rngs=rngs, **dtypes(cfg))
+                     if cfg.embed_norm else None)
+        self.dropout = nnx.Dropout(cfg.dropout)
+        self.max_len = cfg.max_len
+
+    def __call__(
+        self, x_btd: jax.Array, positions_bt: jax.Array, token_types_bt: jax.Array | None = None,
+        **dropout_kw,
+    ) -> jax.Array:
+        check_length(positions_bt.shape[-1], self.max_len)
+        if self.positions is not None:
+            x_btd = x_btd + self.positions(positions_bt).astype(x_btd.dtype)
+        if self.token_types is not None:
+            types_bt = jnp.zeros_like(positions_bt) if token_types_bt is None else token_types_bt
+            x_btd = x_btd + jnp.take(self.token_types[...], types_bt, axis=0).astype(x_btd.dtype)
+        if self.norm is not None:
+            x_btd = self.norm(x_btd)
+        return self.dropout(x_btd, **dropout_kw)
 
 
 def check_length(length: int, max_len: int) -> None:
@@ -111,3 +162,7 @@ def check_length(length: int, max_len: int) -> None:
             f"sequence length {length} exceeds model.max_len={max_len}: "
             "raise model.max_len or shorten the inputs"
         )
+
+
+def positions_like(tokens_bt: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)

@@ -8,8 +8,10 @@ from flax import nnx
 
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.models.decoder import Decoder
+from jaxformer.models.encoder import Encoder
+from jaxformer.models.encoder_decoder import EncoderDecoder
 
-MODELS = {"decoder": Decoder}
+MODELS = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}
 
 
 def resolve_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:

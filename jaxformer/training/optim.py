@@ -31,6 +31,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return adamw
 
 
+NO_DECAY = ("bias", "scale")
+
+
 def decay_mask(params):
-    """Weight decay on matrices only: biases and norm scales (1-D) are left alone."""
-    return jax.tree.map(lambda p: p.ndim > 1, params)
+    """Weight decay on weight matrices and embeddings; biases and norm scales are left alone.
+
+    Decided by name, not rank: stacked layers give biases a leading layer axis."""
+    def decays(path, _) -> bool:
+        names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+        return names[-1] not in NO_DECAY
+    return jax.tree_util.tree_map_with_path(decays, params)

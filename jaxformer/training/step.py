@@ -11,27 +11,22 @@ import jax
 import optax
 from flax import nnx
 
-from jaxformer.objectives import causal_lm_loss
+from jaxformer.objectives import model_loss
 from jaxformer.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
-def _lm_loss(model: nnx.Module, batch: Batch, deterministic: bool, rngs: nnx.Rngs | None):
-    tokens_bt = batch["tokens"]
-    logits_btv = model(tokens_bt[:, :-1], deterministic=deterministic, rngs=rngs)
-    return causal_lm_loss(logits_btv, tokens_bt, batch["loss_mask"])
-
-
 def make_train_step(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
+    schedule: optax.Schedule, objective: str,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
 
         def loss_fn(params):
-            return _lm_loss(nnx.merge(graphdef, params, rest), batch, False, rngs)
+            model = nnx.merge(graphdef, params, rest)
+            return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -43,8 +38,10 @@ def make_train_step(
     return jax.jit(train_step, donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[[nnx.State, Batch], dict]:
+def make_eval_step(
+    graphdef: nnx.GraphDef, rest: nnx.State, objective: str
+) -> Callable[[nnx.State, Batch], dict]:
     def eval_step(params: nnx.State, batch: Batch) -> dict:
-        return _lm_loss(nnx.merge(graphdef, params, rest), batch, True, None)[1]
+        return model_loss(nnx.merge(graphdef, params, rest), batch, objective)[1]
 
     return jax.jit(eval_step)

@@ -1,0 +1,89 @@
+"""BERT-like encoder: embeddings (+ token types), bidirectional blocks, masked-LM and
+sequence-classification heads. `model(tokens, valid)` returns the final hidden states."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformer.config import ModelConfig
+from jaxformer.models.attention import padding_mask
+from jaxformer.models.blocks import LayerStack
+from jaxformer.models.decoder import require_vocab
+from jaxformer.models.layers import (
+    ACTIVATION_FNS, Embed, Embeddings, dense, dtypes, make_norm, positions_like,
+)
+
+
+class MLMHead(nnx.Module):
+    """BERT's prediction head: dense, activation, LayerNorm, then the tied embedding plus a bias."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.transform = dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, bias=True)
+        self.activation = ACTIVATION_FNS[cfg.activation]
+        self.norm = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, rngs=rngs, **dtypes(cfg))
+        self.bias = nnx.Param(jnp.zeros((require_vocab(cfg),), jnp.dtype(cfg.param_dtype)))
+
+    def __call__(self, x_btd: jax.Array, embed: Embed) -> jax.Array:
+        h_btd = self.norm(self.activation(self.transform(x_btd)))
+        return (embed.attend(h_btd) + self.bias[...]).astype(jnp.float32)
+
+
+class ClassificationHead(nnx.Module):
+    """Pools the sequence (cls: first token through a tanh dense 'pooler', as BERT; mean: the mean
+    of the valid positions), then dropout and a linear layer to `num_classes` logits."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.pooling = cfg.pooling
+        self.pooler = (dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, bias=True)
+                       if cfg.pooling == "cls" else None)
+        self.dropout = nnx.Dropout(cfg.dropout)
+        self.out = dense(cfg, cfg.d_model, cfg.num_classes, rngs=rngs, bias=True)
+
+    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None, **dropout_kw) -> jax.Array:
+        if self.pooler is not None:
+            pooled_bd = jnp.tanh(self.pooler(x_btd[:, 0]))
+        else:
+            weights_bt = (jnp.ones(x_btd.shape[:2]) if valid_bt is None else valid_bt).astype(x_btd.dtype)
+            pooled_bd = jnp.einsum("btd,bt->bd", x_btd, weights_bt) / jnp.maximum(
+                weights_bt.sum(axis=1, keepdims=True), 1.0
+            )
+        return self.out(self.dropout(pooled_bd, **dropout_kw)).astype(jnp.float32)
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.max_len = cfg.max_len
+        self.embed = Embed(require_vocab(cfg), cfg.d_model, cfg, rngs=rngs)
+        self.embeddings = Embeddings(cfg, rngs=rngs)
+        self.stack = LayerStack(cfg, cfg.n_layers, rngs=rngs)
+        self.final_norm = make_norm(cfg, rngs=rngs) if cfg.use_final_norm else None
+        self.mlm_head = MLMHead(cfg, rngs=rngs)
+        self.classifier = ClassificationHead(cfg, rngs=rngs) if cfg.num_classes else None
+
+    def __call__(
+        self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None,
+        token_types_bt: jax.Array | None = None, *, deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Final hidden states (B, T, d_model); `valid_bt` (1 = token, 0 = padding) masks keys."""
+        dropout_kw = {"deterministic": deterministic, "rngs": rngs}
+        positions_bt = positions_like(tokens_bt)
+        x_btd = self.embeddings(self.embed(tokens_bt), positions_bt, token_types_bt, **dropout_kw)
+        mask = None if valid_bt is None else padding_mask(valid_bt)
+        x_btd = self.stack(x_btd, mask, positions_bt, **dropout_kw)
+        return x_btd if self.final_norm is None else self.final_norm(x_btd)
+
+    def mlm_logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """Masked-LM logits (B, T, vocab), float32."""
+        return self.mlm_head(hidden_btd, self.embed)
+
+    def classify(
+        self, hidden_btd: jax.Array, valid_bt: jax.Array | None = None, *,
+        deterministic: bool = True, rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Class logits (B, num_classes), float32."""
+        if self.classifier is None:
+            raise ValueError("this encoder has no classification head: set model.num_classes > 0")
+        return self.classifier(hidden_btd, valid_bt, deterministic=deterministic, rngs=rngs)
