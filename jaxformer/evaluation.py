@@ -1,18 +1,25 @@
-"""Evaluation on held-out problems: teacher-forced loss and greedy exact-match accuracy."""
+"""Evaluation on held-out problems: teacher-forced loss, and greedy exact match for every objective.
+
+Each family answers a task's prompt its own way, and the task's checker scores the answer text:
+the decoder continues the prompt, the encoder-decoder decodes a target from the prompt as source,
+the encoder classifies (the label is the answer text) or, for generative tasks under masked-LM,
+fills in the answer with every answer position masked at once (it is told the answer's length).
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxformer.data.pipeline import EvalSet
-from jaxformer.data.tasks import AdditionTask
-from jaxformer.data.tokenizers import EOS_ID
-from jaxformer.sampling import generate
+from jaxformer.data.tokenizers import EOS_ID, MASK_ID
+from jaxformer.sampling import generate, generate_seq2seq
 
 
 def _padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
@@ -27,41 +34,89 @@ def _padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
         yield chunk, size
 
 
-def completion_ids(row: np.ndarray, prompt_len: int) -> list[int]:
-    """Generated ids after the prompt, up to (not including) the first <eos>."""
-    out = row[prompt_len:].tolist()
-    return out[: out.index(EOS_ID)] if EOS_ID in out else out
+def until_eos(ids: list[int]) -> list[int]:
+    """Token ids up to (not including) the first <eos>."""
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
 
 
 def eval_loss(eval_step: Callable, params: nnx.State, data: EvalSet, batch_size: int) -> dict:
-    total_nll = total_tokens = total_correct = 0.0
+    """Teacher-forced loss and accuracy, pooled exactly over tokens (or examples)."""
+    totals = defaultdict(float)
     for batch, _ in _padded_batches(data.examples, batch_size):
         metrics = jax.device_get(eval_step(params, batch))
-        total_nll += float(metrics["loss"]) * float(metrics["tokens"])
-        total_correct += float(metrics["token_accuracy"]) * float(metrics["tokens"])
-        total_tokens += float(metrics["tokens"])
-    return {"loss": total_nll / total_tokens, "token_accuracy": total_correct / total_tokens}
+        count = float(metrics["count"])  # padding rows carry no loss weight (or label count)
+        totals["loss"] += float(metrics["loss"]) * count
+        totals["accuracy"] += float(metrics["accuracy"]) * count
+        totals["count"] += count
+    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["accuracy"] / totals["count"]}
 
 
-def greedy_completions(model: nnx.Module, data: EvalSet, task: AdditionTask, batch_size: int):
-    """Greedy completion text for every problem of `data`."""
+@partial(jax.jit, static_argnames=("graphdef",))
+def _class_predictions(graphdef, state, tokens_bt, valid_bt):
+    model = nnx.merge(graphdef, state)
+    return jnp.argmax(model.classify(model(tokens_bt, valid_bt), valid_bt), axis=-1)
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _mlm_predictions(graphdef, state, inputs_bt, valid_bt):
+    model = nnx.merge(graphdef, state)
+    return jnp.argmax(model.mlm_logits(model(inputs_bt, valid_bt)), axis=-1)
+
+
+def _answer_spans(task, data: EvalSet) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) token positions of each problem's answer in `<bos> prompt answer <eos>`."""
+    prompts = task.tokenizer.encode_batch([task.prompt(p) for p in data.problems])
+    answers = task.tokenizer.encode_batch([task.answer(p) for p in data.problems])
+    starts = np.asarray([1 + len(p.ids) for p in prompts])
+    return starts, starts + np.asarray([len(a.ids) for a in answers])
+
+
+def greedy_completions(model: nnx.Module, data: EvalSet, task, objective: str,
+                       batch_size: int) -> list[str]:
+    """The model's greedy answer text for every problem of `data`."""
+    graphdef, state = nnx.split(model)
     texts: list[str] = []
-    arrays = {"prompts": data.prompts, "prompt_lens": data.prompt_lens}
+    if objective == "clm":
+        arrays = {"prompts": data.prompts, "prompt_lens": data.prompt_lens}
+        total_len = data.examples["tokens"].shape[1]
+    elif objective == "seq2seq":
+        arrays = {"src": data.src, "src_valid": data.src_valid}
+        total_len = data.examples["tgt"].shape[1]
+    elif objective == "classification":
+        arrays = {"tokens": data.examples["tokens"], "valid": data.examples["valid"]}
+    else:  # mlm: mask the whole answer span of the uncorrupted sequence
+        starts, ends = _answer_spans(task, data)
+        tokens = data.examples["targets"]
+        positions = np.arange(tokens.shape[1])
+        in_answer = (positions >= starts[:, None]) & (positions < ends[:, None])
+        arrays = {"inputs": np.where(in_answer, MASK_ID, tokens).astype(np.int32),
+                  "valid": data.examples["valid"], "in_answer": in_answer}
     for batch, size in _padded_batches(arrays, batch_size):
-        lens = np.where(np.arange(batch_size) < size, batch["prompt_lens"], data.prompt_lens.max())
-        tokens_bt = np.asarray(generate(model, batch["prompts"], lens, total_len=task.seq_len))
-        for row, prompt_len in zip(tokens_bt[:size], lens[:size]):
-            texts.append(task.tokenizer.decode(completion_ids(row, int(prompt_len))))
+        if objective == "clm":
+            lens = np.where(np.arange(batch_size) < size, batch["prompt_lens"], data.prompt_lens.max())
+            rows = np.asarray(generate(model, batch["prompts"], lens, total_len=total_len))
+            texts += [task.tokenizer.decode(until_eos(row[n:].tolist()))
+                      for row, n in zip(rows[:size], lens[:size])]
+        elif objective == "seq2seq":
+            rows = np.asarray(generate_seq2seq(model, batch["src"], batch["src_valid"], total_len))
+            texts += [task.tokenizer.decode(until_eos(row[1:].tolist())) for row in rows[:size]]
+        elif objective == "classification":
+            labels = np.asarray(_class_predictions(graphdef, state, batch["tokens"], batch["valid"]))
+            texts += [str(label) for label in labels[:size]]
+        else:
+            ids = np.asarray(_mlm_predictions(graphdef, state, batch["inputs"], batch["valid"]))
+            texts += [task.tokenizer.decode(row[mask].tolist())
+                      for row, mask in zip(ids[:size], batch["in_answer"][:size])]
     return texts
 
 
-def exact_match(task: AdditionTask, data: EvalSet, completions: list[str]) -> dict[str, float]:
-    """Overall accuracy and accuracy per difficulty (digits of the longer operand)."""
+def exact_match(task, data: EvalSet, completions: list[str]) -> dict[str, float]:
+    """Overall accuracy and accuracy per difficulty bin (e.g. digits of the longer operand)."""
     by_difficulty: dict[int, list[bool]] = defaultdict(list)
     for problem, text in zip(data.problems, completions):
-        by_difficulty[problem.difficulty].append(task.check(problem, text))
+        by_difficulty[task.difficulty(problem)].append(task.check(problem, text))
     everything = [ok for oks in by_difficulty.values() for ok in oks]
     metrics = {"exact_match": float(np.mean(everything))}
-    for digits, oks in sorted(by_difficulty.items()):
-        metrics[f"exact_match_{digits}digit"] = float(np.mean(oks))
+    for difficulty, oks in sorted(by_difficulty.items()):
+        metrics[f"exact_match_{difficulty}{task.difficulty_unit}"] = float(np.mean(oks))
     return metrics

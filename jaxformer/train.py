@@ -32,8 +32,9 @@ def report(result) -> None:
         f"{key.removeprefix('exact_match_')}: {value:.1%}"
         for key, value in metrics.items() if key.startswith("exact_match_")
     )
-    print(f"\nheld-out greedy exact match after {result.step} steps: "
-          f"{metrics['exact_match']:.1%} ({by_digits})")
+    print(f"\nheld-out greedy exact match after {result.step} steps ({result.objective}): "
+          f"{metrics['exact_match']:.1%} ({by_digits}); "
+          f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
     print(f"run dir:  {result.run_dir}")
     print(f"metrics:  {result.metrics_path}")
     print(f"wandb:    {result.wandb_dir or 'disabled'}"

@@ -1,84 +1,272 @@
-"""The addition task, its held-out split, the tokenizer and the grain pipeline."""
+"""Tasks, their held-out splits, the tokenizer and the grain pipelines of every objective."""
 
 from __future__ import annotations
 
+import itertools
 import numpy as np
+import pytest
 
 from jaxformer.config import TaskConfig
-from jaxformer.data.pipeline import eval_set, train_iterator
-from jaxformer.data.tasks import AdditionTask, Problem
-from jaxformer.data.tokenizers import BOS_ID, EOS_ID, char_tokenizer
+from jaxformer.data.pipeline import (
+    OBJECTIVES, encode_problems, eval_set, train_iterator,
+)
+from jaxformer.data.tasks import AdditionProblem, AdditionTask, SequenceProblem, build_task
+from jaxformer.data.tokenizers import (
+    BOS_ID, EOS_ID, MASK, MASK_ID, NUM_SPECIAL, PAD_ID, SPECIAL_TOKENS, char_tokenizer,
+)
+
+# small spaces keep every test fast; addition with 2 digits has 10^4 problems, sequences ~10^5
+SMALL = {
+    "addition": dict(max_digits=2),
+    "reverse": dict(min_length=2, max_length=5, n_symbols=10),
+    "sort": dict(min_length=2, max_length=5, n_symbols=10),
+    "is_sorted": dict(min_length=2, max_length=5, n_symbols=10),
+}
+TASK_NAMES = list(SMALL)
 
 
-def test_char_tokenizer_round_trip():
+def small_task(name: str, **overrides):
+    return build_task(TaskConfig(name=name, **{"eval_size": 50, **SMALL[name], **overrides}))
+
+
+WIDTHS = {  # the documented width of each array of each objective
+    "clm": dict.fromkeys(["tokens", "loss_mask"], lambda task: task.seq_len),
+    "mlm": dict.fromkeys(["inputs", "targets", "loss_mask", "valid"], lambda task: task.seq_len),
+    "seq2seq": {**dict.fromkeys(["src", "src_valid"], lambda task: task.src_len),
+                **dict.fromkeys(["tgt", "loss_mask"], lambda task: task.tgt_len)},
+    "classification": dict.fromkeys(["tokens", "valid", "label"], lambda task: task.cls_len),
+}
+
+
+def objectives_of(task) -> list[str]:
+    return [o for o in OBJECTIVES if o != "classification" or task.is_classification]
+
+
+def decode(task, ids) -> str:
+    return task.tokenizer.decode(np.asarray(ids).tolist())
+
+
+# -- tokenizer ------------------------------------------------------------------------------------
+def test_char_tokenizer_round_trip_and_special_ids():
+    assert SPECIAL_TOKENS[MASK_ID] == MASK and (PAD_ID, BOS_ID, EOS_ID, MASK_ID) == (0, 1, 2, 4)
     tokenizer = char_tokenizer("0123456789+=")
     ids = tokenizer.encode("12+345=").ids
-    assert len(ids) == 7 and min(ids) >= 4
-    assert tokenizer.decode([BOS_ID, *ids, EOS_ID]) == "12+345="
+    assert len(ids) == 7 and min(ids) >= NUM_SPECIAL
+    assert tokenizer.encode("0").ids == [NUM_SPECIAL]  # the alphabet follows the specials
+    assert tokenizer.decode([BOS_ID, *ids, MASK_ID, EOS_ID]) == "12+345="
 
 
-def test_heldout_never_in_training():
-    task = AdditionTask(TaskConfig(max_digits=2, eval_size=50))
+# -- tasks ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_heldout_never_in_training(name):
+    task = small_task(name)
     heldout = set(task.eval_problems())
-    assert len(heldout) == 50
-    assert all(task.is_heldout(np.array([p.a]), np.array([p.b]))[0] for p in heldout)
-    trained = task.sample_train(np.random.default_rng(0), 5000)
-    assert not heldout & set(trained)
-    assert not heldout & set(task.train_problems(2000, seed=0))
+    assert len(heldout) == 50 and task.is_heldout(list(heldout)).all()
+    assert not heldout & set(task.sample_train(np.random.default_rng(0), 5000))
+    train = task.train_problems(2000, seed=0)
+    assert len(set(train)) == 2000 and not heldout & set(train)
+    assert not task.is_heldout(train).any()
 
 
 def test_heldout_set_is_fixed_by_split_seed_only():
-    a = AdditionTask(TaskConfig(eval_size=40)).eval_problems()
-    b = AdditionTask(TaskConfig(eval_size=40)).eval_problems()
-    c = AdditionTask(TaskConfig(eval_size=40, split_seed=7)).eval_problems()
-    assert a == b and a != c
+    for name in ("addition", "reverse"):
+        a = small_task(name, eval_size=40).eval_problems()
+        b = small_task(name, eval_size=40).eval_problems()
+        c = small_task(name, eval_size=40, split_seed=7).eval_problems()
+        assert a == b and a != c
 
 
-def test_answer_format_and_check():
+def test_addition_format_and_check():
     task = AdditionTask(TaskConfig(pad_operands=False))
-    problem = Problem(57, 68)
+    problem = AdditionProblem(57, 68)
     assert task.prompt(problem) == "57+68=" and task.answer(problem) == "521"
     assert task.check(problem, "521") and not task.check(problem, "125")
+    assert task.difficulty(problem) == 2 and task.num_classes == 0 and not task.is_classification
     padded = AdditionTask(TaskConfig(pad_operands=True))
     assert padded.prompt(problem) == "057+068=" and padded.answer(problem) == "5210"
 
 
-def test_train_size_gives_exactly_that_many_unique_problems():
-    task = AdditionTask(TaskConfig(train_size=300))
-    problems = task.train_problems(300, seed=0)
-    assert len(set(problems)) == 300
+@pytest.mark.parametrize("name, answer, wrong", [
+    ("reverse", "1413", "3141"), ("sort", "1134", "1143"), ("is_sorted", "0", "1"),
+])
+def test_sequence_formats_and_check(name, answer, wrong):
+    task = small_task(name)
+    problem = SequenceProblem("3141")
+    assert task.prompt(problem) == "3141=" and task.answer(problem) == answer
+    assert task.check(problem, answer) and not task.check(problem, wrong)
+    assert task.difficulty(problem) == 4
 
 
-def test_batches_are_fixed_shape_with_answer_mask():
-    task = AdditionTask(TaskConfig(max_digits=2))
-    batch = next(train_iterator(task, batch_size=8, seed=0))
-    assert batch["tokens"].shape == (8, task.seq_len) and batch["tokens"].dtype == np.int32
-    for tokens, mask in zip(batch["tokens"], batch["loss_mask"]):
-        text = task.tokenizer.decode(tokens.tolist())
-        prompt, answer = text.split("=")
+def test_is_sorted_labels_and_classes():
+    task = small_task("is_sorted")
+    assert task.is_classification and task.num_classes == 2
+    assert task.label(SequenceProblem("1134")) == 1 and task.answer(SequenceProblem("1134")) == "1"
+    assert task.label(SequenceProblem("3141")) == 0
+    with pytest.raises(ValueError, match="not a classification task"):
+        small_task("sort").label(SequenceProblem("12"))
+
+
+def test_sampled_problems_respect_the_config():
+    task = small_task("sort", min_length=3, max_length=4, n_symbols=5)
+    for problem in task.sample_train(np.random.default_rng(0), 500):
+        assert 3 <= len(problem.symbols) <= 4 and set(problem.symbols) <= set("01234")
+
+
+def test_small_space_is_split_and_listed_exhaustively():
+    # 3^2 + 3^3 = 36 problems: the held-out share grows so eval_size fits, training keeps the rest
+    task = small_task("reverse", min_length=2, max_length=3, n_symbols=3, eval_size=8)
+    assert task.num_problems == 36 and 0.02 < task.heldout_share <= 0.5
+    heldout = task.eval_problems()
+    space = [SequenceProblem("".join(s)) for n in (2, 3) for s in itertools.product("012", repeat=n)]
+    n_train = int((~task.is_heldout(space)).sum())
+    everything = task.train_problems(n_train, seed=0)
+    assert len(set(everything)) == n_train and not set(everything) & set(heldout)
+    too_many = f"task.train_size={n_train + 1} needs .* only {n_train} exist"
+    with pytest.raises(ValueError, match=too_many):
+        task.train_problems(n_train + 1, seed=0)
+    with pytest.raises(ValueError, match="task.eval_size=100 .* lower task.eval_size"):
+        small_task("reverse", min_length=2, max_length=3, n_symbols=3, eval_size=100).eval_problems()
+
+
+# -- pipelines ------------------------------------------------------------------------------------
+def test_objective_errors_are_one_line():
+    with pytest.raises(ValueError, match="needs a classification task"):
+        train_iterator(small_task("reverse"), "classification", 4, seed=0)
+    with pytest.raises(ValueError, match="not one of"):
+        eval_set(small_task("reverse"), "lm")
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_every_objective_batch_has_the_documented_format(name):
+    task = small_task(name)
+    for objective in objectives_of(task):
+        batch = next(train_iterator(task, objective, batch_size=8, seed=0))
+        assert set(batch) == set(WIDTHS[objective])
+        for key, value in batch.items():
+            want = np.float32 if "mask" in key or "valid" in key else np.int32
+            assert value.dtype == want and value.shape[0] == 8, (objective, key)
+            assert value.shape[1:] == ((WIDTHS[objective][key](task),) if key != "label" else ())
+        assert task.max_positions(objective) == max(v.shape[1] for v in batch.values() if v.ndim == 2)
+        data = eval_set(task, objective)
+        assert {k: v.shape[1:] for k, v in data.examples.items()} == \
+            {k: v.shape[1:] for k, v in batch.items()}
+        assert (data.prompts is not None) == (objective == "clm")
+        assert (data.src is not None) == (objective == "seq2seq")
+
+
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_clm_batches_decode_with_answer_mask(name):
+    task = small_task(name)
+    problems = task.sample_train(np.random.default_rng(0), 16)
+    batch = encode_problems(task, "clm", problems)
+    assert batch["tokens"].shape == (16, task.seq_len)
+    for problem, tokens, mask in zip(problems, batch["tokens"], batch["loss_mask"]):
+        assert tokens[0] == BOS_ID
+        assert decode(task, tokens) == task.prompt(problem) + task.answer(problem)
+        assert decode(task, tokens[mask > 0]) == task.answer(problem) and tokens[mask > 0][-1] == EOS_ID
+
+
+def test_addition_batches_from_the_iterator_are_correct_sums():
+    task = small_task("addition")
+    batch = next(train_iterator(task, "clm", batch_size=8, seed=0))
+    for tokens in batch["tokens"]:
+        prompt, answer = decode(task, tokens).split("=")
         a, b = map(int, prompt.split("+"))
         assert answer == f"{a + b:03d}"[::-1]  # padded to max_digits + 1, reversed
-        masked = task.tokenizer.decode(tokens[mask > 0].tolist())
-        assert masked == answer and EOS_ID in tokens[mask > 0]
 
 
-def test_iterator_state_resumes_the_same_batches():
+@pytest.mark.parametrize("name", TASK_NAMES)
+def test_seq2seq_src_is_prompt_and_tgt_is_answer(name):
+    task = small_task(name)
+    problems = task.sample_train(np.random.default_rng(1), 16)
+    batch = encode_problems(task, "seq2seq", problems)
+    for i, problem in enumerate(problems):
+        src, tgt = batch["src"][i], batch["tgt"][i]
+        n_src = int(batch["src_valid"][i].sum())
+        assert decode(task, src) == task.prompt(problem) and src[n_src - 1] == EOS_ID
+        assert (src[n_src:] == PAD_ID).all() and (batch["src_valid"][i, n_src:] == 0).all()
+        assert tgt[0] == BOS_ID and decode(task, tgt) == task.answer(problem)
+        predicted = tgt[batch["loss_mask"][i] > 0]  # positions the decoder must predict
+        assert decode(task, predicted) == task.answer(problem) and predicted[-1] == EOS_ID
+        assert len(predicted) == len(task.answer(problem)) + 1
+
+
+def test_classification_labels_are_balanced_and_correct():
+    task = small_task("is_sorted", eval_size=200)
+    batch = next(train_iterator(task, "classification", batch_size=2000, seed=0))
+    texts = [decode(task, row) for row in batch["tokens"]]
+    labels = [int(list(t[:-1]) == sorted(t[:-1])) for t in texts]
+    np.testing.assert_array_equal(batch["label"], labels)
+    assert 0.45 < batch["label"].mean() < 0.55
+    assert (batch["tokens"][:, 0] == BOS_ID).all() and all(t.endswith("=") for t in texts)
+    data = eval_set(task, "classification")
+    assert data.examples["label"].mean() == 0.5  # eval sets are drawn per class: exactly balanced
+    np.testing.assert_array_equal(data.examples["label"], [task.label(p) for p in data.problems])
+
+
+def test_mlm_masking_statistics():
+    task = small_task("addition", max_digits=3, mask_prob=0.3)
+    problems = task.sample_train(np.random.default_rng(0), 3000)
+    batch = encode_problems(task, "mlm", problems, np.random.default_rng(5))
+    inputs, targets, selected = batch["inputs"], batch["targets"], batch["loss_mask"] > 0
+    np.testing.assert_array_equal(targets, encode_problems(task, "clm", problems)["tokens"])
+    np.testing.assert_array_equal(batch["valid"], (targets != PAD_ID).astype(np.float32))
+    candidates = targets >= NUM_SPECIAL
+    assert not (selected & ~candidates).any()  # never <pad>, <bos>, <eos>
+    assert selected.any(axis=1).all()
+    assert abs(selected.sum() / candidates.sum() - 0.3) < 0.02
+    assert (inputs[~selected] == targets[~selected]).all()
+    masked = (inputs[selected] == MASK_ID).mean()
+    kept = (inputs[selected] == targets[selected]).mean()  # 10% kept + random draws of the same id
+    assert abs(masked - 0.8) < 0.02 and abs(kept - (0.1 + 0.1 / len(task.alphabet))) < 0.02
+    replaced = inputs[selected][(inputs[selected] != MASK_ID)]
+    assert ((replaced >= NUM_SPECIAL) & (replaced < NUM_SPECIAL + len(task.alphabet))).all()
+
+
+def test_mlm_forces_a_selection_in_every_row():
+    task = small_task("reverse", min_length=2, max_length=2, mask_prob=0.01)
+    batch = next(train_iterator(task, "mlm", batch_size=64, seed=0))
+    assert (batch["loss_mask"].sum(axis=1) >= 1).all()
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_iterator_state_resumes_the_same_batches(objective):
     for train_size in (None, 64):
-        task = AdditionTask(TaskConfig(max_digits=2, train_size=train_size))
-        it = train_iterator(task, 8, seed=1)
+        task = small_task("addition", train_size=train_size)
+        it = train_iterator(task, objective, 8, seed=1)
         for _ in range(3):
             next(it)
         state = it.get_state()
-        expected = [next(it)["tokens"] for _ in range(10)]  # crosses epochs when train_size=64
-        resumed = train_iterator(task, 8, seed=1)
+        expected = [next(it) for _ in range(10)]  # crosses epochs when train_size=64
+        resumed = train_iterator(task, objective, 8, seed=1)
         resumed.set_state(state)
         for want in expected:
-            np.testing.assert_array_equal(next(resumed)["tokens"], want)
+            got = next(resumed)
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_mlm_masks_change_across_epochs():
+    task = small_task("reverse", train_size=16)
+    it = train_iterator(task, "mlm", 16, seed=0)  # one batch is one epoch
+    first, second = next(it), next(it)
+    order = np.lexsort(first["targets"].T), np.lexsort(second["targets"].T)
+    np.testing.assert_array_equal(first["targets"][order[0]], second["targets"][order[1]])
+    assert not np.array_equal(first["loss_mask"][order[0]], second["loss_mask"][order[1]])
+
+
+def test_mlm_eval_masking_is_fixed_by_split_seed():
+    a = eval_set(small_task("sort"), "mlm").examples
+    b = eval_set(small_task("sort"), "mlm").examples
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_eval_prompts_stop_at_equals_sign():
-    task = AdditionTask(TaskConfig(max_digits=2, eval_size=10))
-    data = eval_set(task)
-    for prompt, length in zip(data.prompts, data.prompt_lens):
-        assert task.tokenizer.decode(prompt[:length].tolist()).endswith("=")
-        assert (prompt[length:] == 0).all()
+    for name in TASK_NAMES:
+        task = small_task(name, eval_size=10)
+        data = eval_set(task, "clm")
+        assert data.prompts.shape == (10, task.prompt_len) and data.prompts.dtype == np.int32
+        for problem, prompt, length in zip(data.problems, data.prompts, data.prompt_lens):
+            assert prompt[0] == BOS_ID and decode(task, prompt[:length]) == task.prompt(problem)
+            assert (prompt[length:] == PAD_ID).all()

