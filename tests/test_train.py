@@ -110,3 +110,23 @@ def test_cli_multirun_sweep(tmp_path):
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
     assert len(runs) == 2
     assert all(records(run, "eval") for run in runs)
+
+
+@pytest.mark.parametrize(
+    "kind, task, objective",
+    [("encoder", "is_sorted", "classification"), ("encoder", "reverse", "mlm"),
+     ("encoder_decoder", "reverse", "seq2seq"), ("decoder", "sort", "clm")],
+)
+def test_every_family_trains_from_the_same_config_tree(tmp_path, kind, task, objective):
+    """A 'has a pulse' run per model family and objective: loss falls, eval and checkpoint happen."""
+    config = replace(
+        tiny_config(steps=30, eval_every=30, checkpoint_every=30, log_every=10),
+        model={"kind": kind, "max_len": 24}, optim={"lr": 3e-3, "warmup_steps": 5},
+        task={"name": task, "max_length": 5, "eval_size": 32},
+    )
+    result = train(config, tmp_path)
+    losses = [r["loss"] for r in records(tmp_path, "train")]
+    assert result.objective == objective and result.step == 30
+    assert losses[-1] < losses[0]
+    assert {"loss", "accuracy", "exact_match"} <= set(records(tmp_path, "eval")[-1])
+    assert (tmp_path / "checkpoints" / "30").exists()

@@ -19,28 +19,32 @@ from jaxformer.config import ModelConfig
 from jaxformer.interop.params import (
     HF_ACTIVATIONS, InteropError, Link, linear, make_config, model_from_tensors, norm, require,
 )
-from jaxformer.interop.safetensors_io import read_hf_config, read_safetensors, require_file, weight_files
+from jaxformer.interop.safetensors_io import (
+    read_hf_config, read_safetensors, require_file, weight_files,
+)
 from jaxformer.models.encoder import Encoder
 
 # checkpoint tensors with no jaxformer counterpart: buffers, the pooler, the NSP head, the MLM
 # decoder (tied to the word embeddings; its bias duplicates cls.predictions.bias)
-IGNORED = r"embeddings\.position_ids|pooler\..*|cls\.seq_relationship\..*|cls\.predictions\.decoder\..*"
+IGNORED = (r"embeddings\.position_ids|pooler\..*|cls\.seq_relationship\..*"
+           r"|cls\.predictions\.decoder\..*")
 MLM_BIAS = "cls.predictions.bias"
 
 
 def bert_config_to_model_config(hf_config: dict, origin: str = "config.json",
                                 **overrides) -> ModelConfig:
-    """The Encoder config computing what a Hugging Face BERT config computes (refuses what it can't).
+    """The Encoder config that computes what a Hugging Face BERT config does (or InteropError).
 
     `overrides` may set run-time switches only (scan_layers, attention, dtype, dropout)."""
-    hint = (": load_hf_encoder maps BERT (model_type 'bert', absolute positions); GPT-2 folders go "
-            "to load_hf_decoder, RoBERTa-style position offsets are not supported")
+    hint = (": load_hf_encoder reads BERT folders (GPT-2 ones go to load_hf_decoder; RoBERTa's "
+            "padding-offset positions are not supported)")
     require(origin, "model_type", hf_config.get("model_type"), ("bert",), hint)
     require(origin, "position_embedding_type", hf_config.get("position_embedding_type", "absolute"),
             ("absolute",), ": relative position embeddings have no jaxformer counterpart")
     require(origin, "hidden_act", hf_config.get("hidden_act", "gelu"), HF_ACTIVATIONS)
     for flag in ("is_decoder", "add_cross_attention"):
-        require(origin, flag, hf_config.get(flag, False), (False,), ": only bidirectional encoders map")
+        require(origin, flag, hf_config.get(flag, False), (False,),
+                ": only bidirectional encoders map")
     missing = [k for k in ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers",
                            "intermediate_size", "max_position_embeddings") if k not in hf_config]
     if missing:
@@ -53,7 +57,7 @@ def bert_config_to_model_config(hf_config: dict, origin: str = "config.json",
         norm="post", embed_norm=True, final_norm=False, bias=True, residual=True,
         layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
         type_vocab_size=hf_config.get("type_vocab_size", 2),
-        dropout=hf_config.get("hidden_dropout_prob", 0.1),  # jaxformer has no attention-prob dropout
+        dropout=hf_config.get("hidden_dropout_prob", 0.1),  # no attention-prob dropout in jaxformer
     )
     return make_config(origin, overrides, **fields)
 
@@ -101,7 +105,8 @@ def bert_to_encoder(state_dict: Mapping[str, np.ndarray], hf_config: dict, *, se
     )
 
 
-def load_hf_encoder(model_dir: str | Path, *, seed: int = 0, **overrides) -> tuple[Encoder, Tokenizer]:
+def load_hf_encoder(model_dir: str | Path, *, seed: int = 0,
+                    **overrides) -> tuple[Encoder, Tokenizer]:
     """(Encoder, tokenizer) from a BERT folder: config.json, model.safetensors, tokenizer.json.
 
     The tokenizer is returned as stored (its own padding/truncation settings). Every check on the

@@ -18,7 +18,9 @@ from jaxformer.interop.params import (
     HF_ACTIVATIONS, InteropError, Link, linear, make_config, model_from_tensors, model_params, norm,
     params_to_links, require,
 )
-from jaxformer.interop.safetensors_io import read_hf_config, read_safetensors, weight_files, write_hf_folder
+from jaxformer.interop.safetensors_io import (
+    read_hf_config, read_safetensors, weight_files, write_hf_folder,
+)
 from jaxformer.models.decoder import Decoder
 
 PREFIX = "transformer."  # GPT2LMHeadModel's names; the original hub checkpoints have none
@@ -30,7 +32,7 @@ EXPORT_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "
 
 def gpt2_config_to_model_config(hf_config: dict, origin: str = "config.json",
                                 **overrides) -> ModelConfig:
-    """The Decoder config computing what a GPT-2 config computes (refuses what it can't).
+    """The Decoder config that computes what a GPT-2 config does (or InteropError).
 
     `overrides` may set run-time switches only (scan_layers, attention, dtype, dropout)."""
     require(origin, "model_type", hf_config.get("model_type"), ("gpt2",),
@@ -39,7 +41,8 @@ def gpt2_config_to_model_config(hf_config: dict, origin: str = "config.json",
     require(origin, "activation_function", activation, HF_ACTIVATIONS)
     for flag, value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                         ("add_cross_attention", False), ("tie_word_embeddings", True)):
-        require(origin, flag, hf_config.get(flag, value), (value,), ": jaxformer's decoder needs this")
+        require(origin, flag, hf_config.get(flag, value), (value,),
+                ": jaxformer's decoder needs this")
     missing = [k for k in ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions")
                if k not in hf_config]
     if missing:
@@ -69,7 +72,8 @@ def model_config_to_gpt2_config(cfg: ModelConfig) -> dict:
         ("model.type_vocab_size", cfg.type_vocab_size, 0),
     ):
         require(origin, field, value, (needed,),
-                ": GPT-2 is pre-LN with ln_f, learned positions, biases, no embedding norm or types")
+                ": GPT-2 is pre-LN with ln_f, learned positions and biases, no embedding norm or "
+                "token types")
     return {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": cfg.vocab_size, "n_positions": cfg.max_len, "n_embd": cfg.d_model,

@@ -32,24 +32,26 @@ HF_ACTIVATIONS = {
     "relu": "relu", "silu": "silu", "swish": "silu", "sigmoid": "sigmoid",
 }
 
-# ModelConfig fields that change how a model runs, never what it computes: safe to override on import
+# ModelConfig fields that change how a model runs, never what it computes: safe to override
 RUNTIME_FIELDS = ("scan_layers", "attention", "dtype", "dropout")
 
 
 def require(origin: str, field: str, value, allowed: Iterable, hint: str = "") -> None:
-    """Refuse `value` unless it is one of `allowed`, with one line naming origin, field and choices."""
+    """Refuse `value` unless it is one of `allowed`: one line naming origin, field and choices."""
     allowed = tuple(allowed)
     if value not in allowed:
         choices = ", ".join(repr(a) for a in allowed)
-        raise InteropError(f"{origin}: {field}={value!r} is not supported (supported: {choices}){hint}")
+        raise InteropError(
+            f"{origin}: {field}={value!r} is not supported (supported: {choices}){hint}"
+        )
 
 
 def make_config(origin: str, overrides: Mapping, **fields) -> ModelConfig:
-    """A ModelConfig from converted `fields` plus run-time `overrides`, errors tagged with `origin`."""
+    """A ModelConfig from converted `fields` plus run-time `overrides`; errors name `origin`."""
     unknown = sorted(set(overrides) - set(RUNTIME_FIELDS))
     if unknown:
-        raise InteropError(f"{origin}: cannot override {', '.join(unknown)} on import (they change the "
-                           f"computation); only {', '.join(RUNTIME_FIELDS)} may be overridden")
+        raise InteropError(f"{origin}: cannot override {', '.join(unknown)} on import (it changes "
+                           f"the computation); only {', '.join(RUNTIME_FIELDS)} may be overridden")
     try:
         return ModelConfig(**{**fields, **overrides})
     except ConfigError as err:
@@ -92,6 +94,7 @@ def model_params(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def _flat_state(model: nnx.Module):
+    """(the model's Param State, its leaves keyed by dotted path)."""
     state = nnx.state(model, nnx.Param)
     return state, traverse_util.flatten_dict(state.to_pure_dict(), sep=".")
 
@@ -114,21 +117,30 @@ def links_to_params(
     params: dict[str, np.ndarray] = {}
     for link in links:
         keys = [link.key.format(i=i) for i in range(link.n_layers)] if link.n_layers else [link.key]
-        splits = [np.split(take(k).T if out_in and link.is_kernel else take(k), len(link.params), -1)
+        splits = [split_packed(take(k).T if out_in and link.is_kernel else take(k), link, origin)
                   for k in keys]
         for j, path in enumerate(link.params):
             value = np.stack([s[j] for s in splits]) if link.n_layers else splits[0][j]
             if path not in shapes:
                 raise InteropError(f"{origin}: {link.key} maps to {path}, which this model lacks")
             if value.shape != shapes[path]:
-                raise InteropError(f"{origin}: {link.key} -> {path} has shape {value.shape} but the "
-                                   f"model config expects {shapes[path]}")
+                raise InteropError(f"{origin}: {link.key} -> {path} has shape {value.shape} but "
+                                   f"the model config expects {shapes[path]}")
             params[path] = value
-    leftover = sorted(k for k in tensors if k not in used and not (ignore and re.fullmatch(ignore, k)))
+    leftover = sorted(k for k in tensors
+                      if k not in used and not (ignore and re.fullmatch(ignore, k)))
     if leftover:
-        raise InteropError(f"{origin}: {len(leftover)} tensor(s) have no place in the jaxformer model, "
-                           f"e.g. {', '.join(leftover[:3])}")
+        raise InteropError(f"{origin}: {len(leftover)} tensor(s) have no place in the jaxformer "
+                           f"model, e.g. {', '.join(leftover[:3])}")
     return params
+
+
+def split_packed(tensor: np.ndarray, link: Link, origin: str) -> list[np.ndarray]:
+    """One array per path of `link`: equal slices of the tensor's last axis."""
+    if tensor.shape[-1] % len(link.params):
+        raise InteropError(f"{origin}: {link.key} has shape {tensor.shape}, which does not split "
+                           f"into {len(link.params)} equal parts ({', '.join(link.params)})")
+    return np.split(tensor, len(link.params), axis=-1)
 
 
 def params_to_links(params: Mapping[str, np.ndarray], links: Sequence[Link], *, origin: str,
@@ -149,7 +161,8 @@ def params_to_links(params: Mapping[str, np.ndarray], links: Sequence[Link], *, 
     return tensors
 
 
-def assign_params(model: nnx.Module, params: Mapping[str, np.ndarray], *, origin: str) -> nnx.Module:
+def assign_params(model: nnx.Module, params: Mapping[str, np.ndarray], *,
+                  origin: str) -> nnx.Module:
     """Write `params` (dotted paths, shapes already checked) into `model`, which may be abstract
     (from nnx.eval_shape); every parameter must be given."""
     state, current = _flat_state(model)

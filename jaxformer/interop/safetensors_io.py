@@ -34,15 +34,17 @@ def read_hf_config(model_dir: str | Path) -> dict:
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
-    """The folder's safetensors files (one, or the shards its index names); cheap, checks existence."""
+    """The folder's safetensors files (one, or its index's shards); only checks they exist."""
     model_dir = Path(model_dir)
     if (model_dir / WEIGHTS).is_file():
         return [model_dir / WEIGHTS]
     if (model_dir / WEIGHTS_INDEX).is_file():
-        shards = sorted(set(json.loads((model_dir / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-        return [require_file(model_dir, shard, f"a shard named in {WEIGHTS_INDEX}") for shard in shards]
-    pickled = " (pytorch_model.bin is a pickle and is never read: re-save with safe_serialization=True)" \
-        if (model_dir / "pytorch_model.bin").exists() else ""
+        weight_map = json.loads((model_dir / WEIGHTS_INDEX).read_text())["weight_map"]
+        return [require_file(model_dir, shard, f"a shard named in {WEIGHTS_INDEX}")
+                for shard in sorted(set(weight_map.values()))]
+    pickled = ""
+    if (model_dir / "pytorch_model.bin").exists():
+        pickled = " (pytorch_model.bin is a pickle and is never read: re-save it with safetensors)"
     raise InteropError(f"{model_dir}: no {WEIGHTS} (or {WEIGHTS_INDEX}) in the folder{pickled}")
 
 
@@ -53,7 +55,8 @@ def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_hf_folder(out_dir: str | Path, hf_config: Mapping, tensors: Mapping[str, np.ndarray]) -> Path:
+def write_hf_folder(out_dir: str | Path, hf_config: Mapping,
+                    tensors: Mapping[str, np.ndarray]) -> Path:
     """config.json + model.safetensors, the layout `from_pretrained` reads."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

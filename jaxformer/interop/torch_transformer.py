@@ -2,8 +2,9 @@
 
 Works on a numpy copy of `module.state_dict()` (no torch import here). nn.Transformer has no
 embeddings, so the EncoderDecoder's token table and position embeddings keep their initialisation;
-compare through `encode_vectors` / `decode_vectors`. Its layers map as norm_first=False -> norm="post",
-norm_first=True -> norm="pre", and it always applies a final LayerNorm to both stacks (final_norm=True).
+compare through `encode_vectors` / `decode_vectors`. Its layers map as norm_first=False ->
+norm="post", norm_first=True -> norm="pre"; it always applies a final LayerNorm to both stacks
+(final_norm=True).
 """
 
 from __future__ import annotations
