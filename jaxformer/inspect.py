@@ -1,9 +1,9 @@
 """`python -m jaxformer.inspect checkpoint=RUN_DIR text=...`: attention maps of a trained run.
 
 Restores a run's parameters (any model family), runs one forward over `text` with the attention
-weights captured, and writes one PNG per layer and attention kind (self / cross): one panel per head,
-tokens on both axes. `text` and `target` are free text: they reach the app verbatim, never parsed
-as Hydra values (so `text=12+34=` and `text=007` work unquoted).
+weights captured, and writes one PNG per layer and attention kind (self / cross): one panel per
+head, tokens on both axes. `text` and `target` are free text: they reach the app verbatim, never
+parsed as Hydra values (so `text=12+34=` and `text=007` work unquoted).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class InspectConfig:
         if not self.text.strip():
             raise ConfigError("text is empty: pass the text to inspect, e.g. text=12+34=")
         if self.target is not None and not self.target.strip():
-            raise ConfigError("target is empty: drop it (the target is then just <bos>) or give text")
+            raise ConfigError("target is empty: give a target text or drop it (then <bos> alone)")
         if self.step is not None and self.step < 0:
             raise ConfigError(f"step={self.step} must be >= 0 (or null for the latest checkpoint)")
         checkpoints_dir(Path(self.checkpoint))
@@ -94,11 +94,12 @@ def quote_free_text(argv: list[str]) -> list[str]:
     return out
 
 
-# -- restoring a run --------------------------------------------------------------------------------
+# -- restoring a run ------------------------------------------------------------------------------
 def checkpoints_dir(run_dir: Path) -> Path:
     directory = run_dir / "checkpoints"
     if not run_dir.is_dir():
-        raise ConfigError(f"checkpoint={run_dir} does not exist: point it at a run dir of jaxformer.train")
+        raise ConfigError(f"checkpoint={run_dir} does not exist: point it at a run dir written by "
+                          "jaxformer.train")
     if not directory.is_dir():
         raise ConfigError(f"checkpoint={run_dir} has no checkpoints/ folder: point it at a run dir "
                           "written by jaxformer.train")
@@ -123,43 +124,54 @@ def restore_params(run_dir: Path | str, step: int | None = None) -> RestoredRun:
     manager = ocp.CheckpointManager(
         directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
     )
-    steps = manager.all_steps()
-    if not steps:
-        raise ConfigError(f"checkpoint={run_dir}: {directory} holds no checkpoints: train the run first")
-    step = manager.latest_step() if step is None else step
-    if step not in steps:
-        raise ConfigError(f"step={step} is not in {directory} (available: "
-                          f"{', '.join(map(str, sorted(steps)))}): pick one of those")
-    where = directory / str(step)
     try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        model_cfg = ModelConfig(**meta["model"])
-    except ConfigError:
-        raise
-    except Exception as err:  # unreadable meta, or a model config this version does not know
-        raise ConfigError(f"cannot read the model config of {where}: "
-                          f"{str(err).splitlines()[0]}") from None
-
-    graphdef, abstract_params, rest = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), abstract_params
-    )}
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True,
-        )))
-    except Exception as err:  # orbax raises many kinds on corrupt or mismatched trees
-        raise ConfigError(f"cannot restore the parameters of {where}: "
-                          f"{str(err).splitlines()[0]}") from None
+        step = resolve_step(manager, directory, step)
+        model_cfg = read_model_config(manager, directory, step)
+        graphdef, abstract_params, rest = split_model(
+            nnx.eval_shape(lambda: build_model(model_cfg, 0))
+        )
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {"params": jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+            abstract_params,
+        )}
+        try:  # partial restore: the optimizer state and the rest of the TrainState stay on disk
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True,
+            )))
+        except Exception as err:  # orbax raises many kinds on corrupt or mismatched trees
+            raise ConfigError(f"cannot restore the parameters of {directory / str(step)}: "
+                              f"{str(err).splitlines()[0]}") from None
     finally:
         manager.close()
     try:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
-    return RestoredRun(nnx.merge(graphdef, restored.state["params"], rest), model_cfg, tokenizer, step)
+    model = nnx.merge(graphdef, restored.state["params"], rest)
+    return RestoredRun(model, model_cfg, tokenizer, step)
+
+
+def resolve_step(manager: ocp.CheckpointManager, directory: Path, step: int | None) -> int:
+    steps = manager.all_steps()
+    if not steps:
+        raise ConfigError(f"{directory} holds no checkpoints: train the run first")
+    if step is None:
+        return manager.latest_step()
+    if step not in steps:
+        raise ConfigError(f"step={step} is not in {directory} (available: "
+                          f"{', '.join(map(str, sorted(steps)))}): pick one of those")
+    return step
+
+
+def read_model_config(manager: ocp.CheckpointManager, directory: Path, step: int) -> ModelConfig:
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        return ModelConfig(**meta["model"])
+    except Exception as err:  # unreadable meta, or a model config this version does not know
+        raise ConfigError(f"cannot read the model config of {directory / str(step)}: "
+                          f"{str(err).splitlines()[0]}") from None
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -218,7 +230,8 @@ def attention_maps(model: nnx.Module, model_cfg: ModelConfig, tokenizer: Tokeniz
     """
     kind, max_len = model_cfg.kind, model_cfg.max_len
     if target is not None and kind != "encoder_decoder":
-        raise ConfigError(f"target is only for encoder_decoder models, this run is a {kind}: drop it")
+        raise ConfigError(f"target is only for encoder_decoder models, this run is a {kind}: "
+                          "drop it")
     if kind == "encoder_decoder":
         src = encode_text(tokenizer, text, "text", bos=False, eos=True, max_len=max_len)
         tgt = encode_text(tokenizer, target, "target", bos=True, eos=False, max_len=max_len) \
@@ -229,9 +242,6 @@ def attention_maps(model: nnx.Module, model_cfg: ModelConfig, tokenizer: Tokeniz
                                 max_len=max_len)
         model_inputs = (jnp.asarray([src]),)
     src_tokens, tgt_tokens = token_labels(tokenizer, src), token_labels(tokenizer, tgt)
-    # (queries, keys) each stack's attention reads; single-stack models call theirs `stack`
-    axes = {"stack": (tgt_tokens, tgt_tokens), "encoder": (src_tokens, src_tokens),
-            "decoder": (tgt_tokens, tgt_tokens)}
 
     model.set_attributes(capture_weights=True)
     try:
@@ -240,17 +250,17 @@ def attention_maps(model: nnx.Module, model_cfg: ModelConfig, tokenizer: Tokeniz
         model.set_attributes(capture_weights=False)
 
     maps = []
+    # single-stack models call their stack `stack`; an encoder-decoder has `encoder`, `decoder`
     for stack_name in sorted(captured.keys(), key=lambda name: name != "encoder"):
         prefix = kind if stack_name == "stack" else stack_name
+        queries = src_tokens if stack_name == "encoder" else tgt_tokens
         for layer, layer_state in enumerate(captured[stack_name]["layers"].get_value()[-1]):
             for module_name in ("attention", "cross_attention"):
                 if module_name not in layer_state:
                     continue
                 weights_bhqk = layer_state[module_name]["attention_weights"].get_value()[-1]
                 attention_kind = "cross" if module_name == "cross_attention" else "self"
-                queries, keys = axes[stack_name]
-                if attention_kind == "cross":
-                    keys = src_tokens
+                keys = src_tokens if attention_kind == "cross" else queries
                 maps.append(AttentionMap(
                     name=f"{prefix}_layer{layer:02d}_{attention_kind}",
                     title=f"{prefix} layer {layer} {attention_kind}-attention",
@@ -284,11 +294,9 @@ def plot_attention(attention: AttentionMap, path: Path, subtitle: str = "") -> P
         image = ax.imshow(attention.weights_hqk[head], vmin=0.0, vmax=1.0, cmap="viridis",
                           interpolation="nearest")
         ax.set_title(f"head {head}", fontsize=9)
-        for set_ticks, set_labels, tokens in ((ax.set_xticks, ax.set_xticklabels, attention.key_tokens),
-                                             (ax.set_yticks, ax.set_yticklabels, attention.query_tokens)):
+        for axis, tokens in ((ax.xaxis, attention.key_tokens), (ax.yaxis, attention.query_tokens)):
             every = math.ceil(len(tokens) / MAX_TICKS)
-            set_ticks(range(0, len(tokens), every))
-            set_labels(tokens[::every], fontsize=fontsize)
+            axis.set_ticks(range(0, len(tokens), every), tokens[::every], fontsize=fontsize)
         ax.tick_params(axis="x", labelrotation=90)
         ax.set_xlabel("key", fontsize=8)
         ax.set_ylabel("query", fontsize=8)

@@ -10,11 +10,14 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import run_module
 from jaxformer.config import ConfigError, ModelConfig, OptimConfig, to_dict
 from jaxformer.data.tokenizers import char_tokenizer, save_tokenizer
-from jaxformer.inspect import InspectConfig, attention_maps, inspect_run, quote_free_text, restore_params
+from jaxformer.inspect import (
+    InspectConfig, attention_maps, inspect_run, quote_free_text, restore_params,
+)
 from jaxformer.models import build_model
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.optim import make_optimizer
@@ -112,11 +115,13 @@ def test_encoder_decoder_maps_cover_both_stacks_and_cross_attention(runs, tmp_pa
     assert all((tmp_path / name).stat().st_size > 0 for name in names)
 
     run = restore_params(runs["encoder_decoder"])
-    maps = {m.name: m for m in attention_maps(run.model, run.model_cfg, run.tokenizer, "12+34", "64")}
+    captured = attention_maps(run.model, run.model_cfg, run.tokenizer, "12+34", "64")
+    maps = {m.name: m for m in captured}
     encoder, self_attn, cross = (maps["encoder_layer00_self"], maps["decoder_layer00_self"],
                                  maps["decoder_layer00_cross"])
     assert encoder.query_tokens == [*"12+34", "<eos>"] and encoder.weights_hqk.shape == (2, 6, 6)
-    assert self_attn.query_tokens == ["<bos>", "6", "4"] and self_attn.weights_hqk.shape == (2, 3, 3)
+    assert self_attn.query_tokens == ["<bos>", "6", "4"]
+    assert self_attn.weights_hqk.shape == (2, 3, 3)
     assert cross.key_tokens == encoder.key_tokens and cross.weights_hqk.shape == (2, 3, 6)
     for m in maps.values():
         rows_sum_to_one(m.weights_hqk)
@@ -178,9 +183,14 @@ def test_bad_text_is_a_clear_error(runs, kind, text, target, message):
         attention_maps(run.model, run.model_cfg, run.tokenizer, text, target)
 
 
-def test_free_text_reaches_the_app_verbatim():
-    assert quote_free_text(["text=12+34=", "step=3", "target='x'", "text=it's\\"]) == [
-        "text='12+34='", "step=3", "target='x'", "text='it\\'s\\\\'"]
+FREE_TEXTS = ["12+34=", "007", "true", "1e3", "a,b", "it's\\", 'say "hi"', " x "]
+
+
+@pytest.mark.parametrize("raw", FREE_TEXTS)
+def test_free_text_reaches_the_app_verbatim(raw):
+    (quoted,) = quote_free_text([f"text={raw}"])
+    assert OverridesParser.create().parse_overrides([quoted])[0].value() == raw
+    assert quote_free_text(["step=3", "target='x'"]) == ["step=3", "target='x'"]
 
 
 def test_cli_writes_pngs_and_reports_errors_in_one_line(runs, tmp_path):
@@ -190,7 +200,10 @@ def test_cli_writes_pngs_and_reports_errors_in_one_line(runs, tmp_path):
     printed = [Path(line) for line in done.stdout.split()]
     assert len(printed) == 4 and all(p.parent == tmp_path and p.stat().st_size for p in printed)
 
-    bad = run_module("jaxformer.inspect", f"checkpoint={runs['decoder']}", "text=12*3")
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "outside the tokenizer's vocabulary" in bad.stderr
+    for text, message in (("text=12*3", "outside the tokenizer's vocabulary"),  # found in the app
+                          ("text=", "text is empty")):  # found by the preflight
+        bad = run_module("jaxformer.inspect", f"checkpoint={runs['decoder']}", text)
+        assert bad.returncode == 2 and bad.stdout == ""
+        assert bad.stderr.startswith("error: ") and bad.stderr.strip().count("\n") == 0
+        assert message in bad.stderr
     assert not (runs["decoder"] / "inspect").exists()

@@ -3,6 +3,8 @@ config switches, dtypes, encoder heads, and the optimizer's weight-decay mask.""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,8 +93,9 @@ def test_xla_and_reference_attention_agree():
 
 
 # -- every family ----------------------------------------------------------------------------------
-VOCAB, D_MODEL, SRC_LEN, TGT_LEN = 17, 16, 7, 5
-FAMILY = dict(vocab_size=VOCAB, d_model=D_MODEL, n_heads=2, n_layers=2, d_ff=32, max_len=12)
+VOCAB, D_MODEL, SRC_LEN, TGT_LEN = CFG.vocab_size, CFG.d_model, 7, 5
+FAMILY = dict(vocab_size=VOCAB, d_model=D_MODEL, n_heads=CFG.n_heads, n_layers=2, d_ff=CFG.d_ff,
+              max_len=CFG.max_len)  # the decoder tests' sizes: eager init ops compile once for both
 KINDS = ("encoder", "decoder", "encoder_decoder")
 
 
@@ -104,13 +107,21 @@ def random_tokens(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).integers(5, VOCAB, size=shape).astype(np.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def apply(graphdef, state, args):
+    # jitted once per model config: an eager call would re-trace and recompile the layer scan
+    return nnx.merge(graphdef, state)(*args)
+
+
 def forward(model, kind: str, tokens_bt, valid_bt=None, src_bs=None, src_valid_bs=None):
     """Encoder: hidden states; decoder: logits; encoder-decoder: logits for `tokens_bt` as the
     target given `src_bs` (default: a fixed random source)."""
     if kind == "encoder_decoder":
         src_bs = random_tokens(9, (tokens_bt.shape[0], SRC_LEN)) if src_bs is None else src_bs
-        return model(jnp.asarray(src_bs), src_valid_bs, jnp.asarray(tokens_bt))
-    return model(jnp.asarray(tokens_bt), valid_bt)
+        args = (src_bs, src_valid_bs, tokens_bt)
+    else:
+        args = (tokens_bt, valid_bt)
+    return apply(*nnx.split(model), jax.tree.map(jnp.asarray, args))
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +132,11 @@ def families():
 
 
 @pytest.mark.parametrize("kind, shape", [
-    ("encoder", (3, TGT_LEN, D_MODEL)), ("decoder", (3, TGT_LEN, VOCAB)),
-    ("encoder_decoder", (3, TGT_LEN, VOCAB)),
+    ("encoder", (2, TGT_LEN, D_MODEL)), ("decoder", (2, TGT_LEN, VOCAB)),
+    ("encoder_decoder", (2, TGT_LEN, VOCAB)),
 ])
 def test_family_output_shapes(families, kind, shape):
-    out = forward(families[kind][True], kind, random_tokens(0, (3, TGT_LEN)))
+    out = forward(families[kind][True], kind, random_tokens(0, (2, TGT_LEN)))
     assert out.shape == shape and out.dtype == jnp.float32
 
 
@@ -144,7 +155,8 @@ def test_encoder_is_bidirectional(families):
     tokens = random_tokens(2, (2, TGT_LEN))
     changed = tokens.copy()
     changed[:, -1] = (tokens[:, -1] + 1 - 5) % (VOCAB - 5) + 5  # another real token
-    a, b = forward(families["encoder"][True], "encoder", tokens), forward(families["encoder"][True], "encoder", changed)
+    model = families["encoder"][True]
+    a, b = forward(model, "encoder", tokens), forward(model, "encoder", changed)
     assert not np.allclose(a[:, 0], b[:, 0])  # the first position sees the last one
 
 
@@ -161,8 +173,8 @@ def test_source_padding_is_hidden(families, kind):
         np.testing.assert_allclose(a[:, :-2], b[:, :-2], atol=1e-5)
     else:
         tgt = random_tokens(4, (2, TGT_LEN))
-        a = forward(model, kind, tgt, src_bs=src, src_valid_bs=jnp.asarray(valid))
-        b = forward(model, kind, tgt, src_bs=other, src_valid_bs=jnp.asarray(valid))
+        a = forward(model, kind, tgt, src_bs=src, src_valid_bs=valid)
+        b = forward(model, kind, tgt, src_bs=other, src_valid_bs=valid)
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -197,7 +209,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 def test_rope_needs_an_even_head_dim():
     with pytest.raises(ConfigError, match="positions=rope needs an even head dim"):
-        family_config("decoder", d_model=18, positions="rope")  # head dim 9
+        family_config("decoder", d_model=36, n_heads=4, positions="rope")  # head dim 9
 
 
 # -- switches --------------------------------------------------------------------------------------
@@ -206,7 +218,11 @@ SWITCHES = ([{"activation": a} for a in ACTIVATIONS] + [{"norm": n} for n in NOR
             + [{"positions": p} for p in POSITIONS] + [{"attention": "reference"}, {"bias": False}])
 
 
-@pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def switch_id(switch: dict) -> str:
+    return ",".join(f"{key}={value}" for key, value in switch.items())
+
+
+@pytest.mark.parametrize("switch", SWITCHES, ids=switch_id)
 def test_every_switch_builds_and_runs(switch):
     model = build_model(family_config("decoder", **switch), seed=0)
     logits = forward(model, "decoder", random_tokens(10, (2, TGT_LEN)))
@@ -217,10 +233,12 @@ def test_post_and_pre_norm_really_differ():
     # same parameters (no final norm either way), only the placement changes
     pre, post = (build_model(family_config("decoder", norm=norm, final_norm=False), seed=0)
                  for norm in ("pre", "post"))
-    for a, b in zip(jax.tree.leaves(nnx.state(pre, nnx.Param)), jax.tree.leaves(nnx.state(post, nnx.Param))):
+    for a, b in zip(jax.tree.leaves(nnx.state(pre, nnx.Param)),
+                    jax.tree.leaves(nnx.state(post, nnx.Param))):
         np.testing.assert_array_equal(a, b)
     tokens = random_tokens(11, (2, TGT_LEN))
-    assert not np.allclose(forward(pre, "decoder", tokens), forward(post, "decoder", tokens), atol=1e-3)
+    pre_logits, post_logits = forward(pre, "decoder", tokens), forward(post, "decoder", tokens)
+    assert not np.allclose(pre_logits, post_logits, atol=1e-3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -245,7 +263,7 @@ def test_encoder_heads(pooling):
 
 def test_classify_without_a_head_is_a_clear_error(families):
     model = families["encoder"][True]
-    hidden = forward(model, "encoder", random_tokens(14, (1, TGT_LEN)))
+    hidden = forward(model, "encoder", random_tokens(14, (2, TGT_LEN)))
     with pytest.raises(ValueError, match="no classification head: set model.num_classes > 0"):
         model.classify(hidden)
 

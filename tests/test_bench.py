@@ -1,0 +1,35 @@
+"""scripts/bench.py prints one JSON object per subcommand (a smoke run at toy sizes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_compile_bench_prints_one_json_object():
+    done = run_bench("compile", "--d-model", "16", "--n-heads", "2", "--d-ff", "32",
+                     "--context", "8", "--batch", "2", "--depths", "1", "2",
+                     "--unrolled-depths", "1")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
+    assert result["bench"] == "compile" and result["model"]["d_model"] == 16
+    scan = result["scan"]
+    assert scan["compile_s_depth_1"] > 0 and scan["compile_s_depth_2"] > 0
+    assert scan["compile_ratio_2_over_1"] > 0 and "total_ratio_2_over_1" in scan
+    assert "compile_s_depth_1" in result["unrolled"]
+    assert {"versions", "devices", "cpu_count"} <= set(result["machine"])
+
+
+def test_unknown_subcommand_is_refused():
+    done = run_bench("nope")
+    assert done.returncode == 2 and "invalid choice: 'nope'" in done.stderr
