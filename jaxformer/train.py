@@ -24,9 +24,10 @@ for noisy in ("absl", "orbax", "jax"):
 
 def report(result) -> None:
     print()
+    width = max((len(prompt + completion) for prompt, completion, *_ in result.samples), default=0)
     for prompt, completion, expected, correct in result.samples:
         mark = "ok " if correct else "BAD"
-        print(f"  [{mark}] {prompt}{completion:<8} (expected {expected})")
+        print(f"  [{mark}] {prompt + completion:<{width}}  (expected {expected})")
     metrics = result.eval_metrics
     by_digits = ", ".join(
         f"{key.removeprefix('exact_match_')}: {value:.1%}"

@@ -24,6 +24,7 @@ def test_compile_bench_prints_one_json_object():
     result = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
     assert result["bench"] == "compile" and result["model"]["d_model"] == 16
     scan = result["scan"]
+    assert result["compile_s_depth_2"] == scan["compile_s_depth_2"]  # headline: the scanned stack
     assert scan["compile_s_depth_1"] > 0 and scan["compile_s_depth_2"] > 0
     assert scan["compile_ratio_2_over_1"] > 0 and "total_ratio_2_over_1" in scan
     assert "compile_s_depth_1" in result["unrolled"]
