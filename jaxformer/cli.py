@@ -75,3 +75,23 @@ def preflight(argv: list[str], config_name: str, validate: Callable[[DictConfig]
     except Exception as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
+
+
+def process_id_hint(argv: list[str]) -> int:
+    """This process's index in a multi-process job, as far as it is known before JAX starts:
+    a `mesh.process_id=` override, else SLURM's task id, else 0."""
+    for arg in argv:
+        if arg.startswith("mesh.process_id="):
+            value = arg.split("=", 1)[1]
+            return int(value) if value.isdigit() else 0
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
+def per_process_overrides(argv: list[str]) -> list[str]:
+    """Every process of a multi-host job runs the same command on a shared run dir: only
+    process 0 writes Hydra's .hydra/ and train.log there; the others log to stdout."""
+    if process_id_hint(argv) == 0:
+        return argv
+    return [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]

@@ -189,14 +189,50 @@ class TrainerConfig:
     eval_batch_size: int = 250
     num_samples: int = 4  # completions printed at the end of training
     progress: bool = True
+    # micro-batches per optimizer step: batch_size is the global batch, split into grad_accum
+    # sequential pieces whose gradients are averaged (same result, 1/grad_accum the activations)
+    grad_accum: int = 1
 
     def __post_init__(self) -> None:
         _check_positive(
             "trainer", self, "steps", "batch_size", "log_every", "eval_every",
-            "checkpoint_every", "keep_checkpoints", "eval_batch_size",
+            "checkpoint_every", "keep_checkpoints", "eval_batch_size", "grad_accum",
         )
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"trainer.batch_size={self.batch_size} is not divisible by "
+                f"trainer.grad_accum={self.grad_accum}: the global batch splits into grad_accum "
+                "equal micro-batches"
+            )
         if self.num_samples < 0:
             raise ConfigError(f"trainer.num_samples={self.num_samples} must be >= 0")
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh (jaxformer/parallel.py): data x fsdp x tensor must equal the device count;
+    one axis may be -1, meaning "the remaining devices"."""
+
+    data: int = -1  # data-parallel replicas
+    fsdp: int = 1  # data parallel whose replicas also shard parameters and optimizer state
+    tensor: int = 1  # tensor parallel: attention heads and MLP hidden units split across devices
+    # multi-host: auto initialises jax.distributed when a cluster is detected (SLURM with several
+    # tasks, a TPU pod, JAX_COORDINATOR_ADDRESS) or coordinator_address is set; on | off force it
+    distributed: str = "auto"
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            if value == 0 or value < -1:
+                raise ConfigError(f"mesh.{name}={value} must be a positive device count or -1 "
+                                  "(the remaining devices)")
+        _check_choice("mesh", self, "distributed", ("auto", "on", "off"))
+        for name in ("num_processes", "process_id"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"mesh.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass
@@ -223,6 +259,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     seed: int = 0
     name: str = "default"  # experiment name: the wandb group and the run dir's parent
 
@@ -233,7 +270,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     for group, node in (
         ("model", ModelConfig), ("task", TaskConfig), ("optim", OptimConfig),
-        ("trainer", TrainerConfig), ("logger", LoggerConfig),
+        ("trainer", TrainerConfig), ("logger", LoggerConfig), ("mesh", MeshConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
 

@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxformer.data.pipeline import EvalSet
 from jaxformer.data.tokenizers import EOS_ID, MASK_ID
+from jaxformer.parallel import to_host
 from jaxformer.sampling import generate, generate_seq2seq
 
 
@@ -43,7 +44,7 @@ def eval_loss(eval_step: Callable, params: nnx.State, data: EvalSet, batch_size:
     """Teacher-forced loss and accuracy, pooled exactly over tokens (or examples)."""
     totals = defaultdict(float)
     for batch, _ in _padded_batches(data.examples, batch_size):
-        metrics = jax.device_get(eval_step(params, batch))
+        metrics = to_host(eval_step(params, batch))
         count = float(metrics["count"])  # padding rows carry no loss weight (or label count)
         totals["loss"] += float(metrics["loss"]) * count
         totals["accuracy"] += float(metrics["accuracy"]) * count
@@ -94,17 +95,17 @@ def greedy_completions(model: nnx.Module, data: EvalSet, task, objective: str,
     for batch, size in _padded_batches(arrays, batch_size):
         if objective == "clm":
             lens = np.where(np.arange(batch_size) < size, batch["prompt_lens"], data.prompt_lens.max())
-            rows = np.asarray(generate(model, batch["prompts"], lens, total_len=total_len))
+            rows = to_host(generate(model, batch["prompts"], lens, total_len=total_len))
             texts += [task.tokenizer.decode(until_eos(row[n:].tolist()))
                       for row, n in zip(rows[:size], lens[:size])]
         elif objective == "seq2seq":
-            rows = np.asarray(generate_seq2seq(model, batch["src"], batch["src_valid"], total_len))
+            rows = to_host(generate_seq2seq(model, batch["src"], batch["src_valid"], total_len))
             texts += [task.tokenizer.decode(until_eos(row[1:].tolist())) for row in rows[:size]]
         elif objective == "classification":
-            labels = np.asarray(_class_predictions(graphdef, state, batch["tokens"], batch["valid"]))
+            labels = to_host(_class_predictions(graphdef, state, batch["tokens"], batch["valid"]))
             texts += [str(label) for label in labels[:size]]
         else:
-            ids = np.asarray(_mlm_predictions(graphdef, state, batch["inputs"], batch["valid"]))
+            ids = to_host(_mlm_predictions(graphdef, state, batch["inputs"], batch["valid"]))
             texts += [task.tokenizer.decode(row[mask].tolist())
                       for row, mask in zip(ids[:size], batch["in_answer"][:size])]
     return texts

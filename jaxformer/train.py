@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from jaxformer.cli import preflight
+from jaxformer.cli import per_process_overrides, preflight
 from jaxformer.config import ConfigError, register_configs, to_train_config
 
 register_configs()
@@ -44,7 +44,9 @@ def report(result) -> None:
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    from jaxformer.training.loop import train  # after config checks: importing jax is slow
+    # after config checks: importing jax is slow
+    from jaxformer.parallel import is_main_process
+    from jaxformer.training.loop import train
 
     try:
         config = to_train_config(cfg)
@@ -54,10 +56,12 @@ def main(cfg: DictConfig) -> float:
     except (ConfigError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    report(result)
+    if is_main_process():
+        report(result)
     return result.eval_metrics["exact_match"]
 
 
 if __name__ == "__main__":
     preflight(sys.argv[1:], "train", to_train_config)
+    sys.argv[1:] = per_process_overrides(sys.argv[1:])
     main()

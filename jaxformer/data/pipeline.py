@@ -163,10 +163,17 @@ def train_dataset(task: Task, objective: str, batch_size: int, seed: int) -> gra
     return dataset
 
 
-def train_iterator(task: Task, objective: str, batch_size: int, seed: int) -> grain.DatasetIterator:
-    """Iterator whose `get_state()` / `set_state()` is the data position saved with checkpoints."""
+def train_iterator(task: Task, objective: str, batch_size: int, seed: int,
+                   rows: slice = slice(None)) -> grain.DatasetIterator:
+    """Iterator whose `get_state()` / `set_state()` is the data position saved with checkpoints.
+
+    `rows` picks this process's share of every global batch (multi-host: each process feeds its
+    own devices), so the global batch is the same whatever the process count."""
     read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
-    return iter(train_dataset(task, objective, batch_size, seed).to_iter_dataset(read_options))
+    dataset = train_dataset(task, objective, batch_size, seed)
+    if rows != slice(None):
+        dataset = dataset.map(lambda batch: {key: value[rows] for key, value in batch.items()})
+    return iter(dataset.to_iter_dataset(read_options))
 
 
 # -- evaluation -----------------------------------------------------------------------------------

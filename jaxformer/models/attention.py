@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.layers import apply_rope, dense
+from jaxformer.parallel import constrain
 
 
 def causal_mask(length: int) -> jax.Array:
@@ -68,9 +69,11 @@ class MultiHeadAttention(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.query, self.key, self.value, self.out = (
-            dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs) for _ in range(4)
+        self.query, self.key, self.value = (
+            dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, names=("embed", "heads"))
+            for _ in range(3)
         )
+        self.out = dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, names=("heads", "embed"))
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.implementation = cfg.attention
@@ -78,7 +81,8 @@ class MultiHeadAttention(nnx.Module):
         self.capture_weights = False
 
     def _heads(self, x_btd: jax.Array) -> jax.Array:
-        return x_btd.reshape(*x_btd.shape[:-1], self.n_heads, self.head_dim)
+        x_bthd = x_btd.reshape(*x_btd.shape[:-1], self.n_heads, self.head_dim)
+        return constrain(x_bthd, ("act_batch", "act_length", "act_heads", None))
 
     def __call__(
         self, x_btd: jax.Array, context_bsd: jax.Array | None = None, *,

@@ -68,7 +68,7 @@ class LayerStack(nnx.Module):
     def __init__(self, cfg: ModelConfig, n_layers: int, *, cross_attention: bool = False,
                  rngs: nnx.Rngs):
         @nnx.split_rngs(splits=n_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs: nnx.Rngs) -> Block:
             return Block(cfg, cross_attention=cross_attention, rngs=rngs)
 

@@ -12,7 +12,7 @@ from jaxformer.models.attention import padding_mask
 from jaxformer.models.blocks import LayerStack
 from jaxformer.models.decoder import require_vocab
 from jaxformer.models.layers import (
-    ACTIVATION_FNS, Embed, Embeddings, dense, dtypes, make_norm, positions_like,
+    ACTIVATION_FNS, Embed, Embeddings, axes, dense, layer_norm, make_norm, positions_like,
 )
 
 
@@ -22,8 +22,9 @@ class MLMHead(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.transform = dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, bias=True)
         self.activation = ACTIVATION_FNS[cfg.activation]
-        self.norm = nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, rngs=rngs, **dtypes(cfg))
-        self.bias = nnx.Param(jnp.zeros((require_vocab(cfg),), jnp.dtype(cfg.param_dtype)))
+        self.norm = layer_norm(cfg, rngs=rngs)
+        self.bias = nnx.Param(jnp.zeros((require_vocab(cfg),), jnp.dtype(cfg.param_dtype)),
+                              **axes("vocab"))
 
     def __call__(self, x_btd: jax.Array, embed: Embed) -> jax.Array:
         h_btd = self.norm(self.activation(self.transform(x_btd)))
@@ -39,7 +40,8 @@ class ClassificationHead(nnx.Module):
         self.pooler = (dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, bias=True)
                        if cfg.pooling == "cls" else None)
         self.dropout = nnx.Dropout(cfg.dropout)
-        self.out = dense(cfg, cfg.d_model, cfg.num_classes, rngs=rngs, bias=True)
+        self.out = dense(cfg, cfg.d_model, cfg.num_classes, rngs=rngs, bias=True,
+                         names=("embed", "classes"))
 
     def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None, **dropout_kw) -> jax.Array:
         if self.pooler is not None:

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
+from jaxformer.parallel import constrain
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -34,10 +35,20 @@ def dtypes(cfg: ModelConfig) -> dict:
     return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
 
 
-def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool | None = None):
-    """A Linear layer with the model's initialiser, dtypes and bias switch."""
+def axes(*names: str) -> dict:
+    """Variable metadata naming a parameter's logical axes (mapped to mesh axes by
+    jaxformer.parallel.LOGICAL_RULES). Placement happens where the train state is created under
+    jit with explicit shardings, never eagerly when a module is built."""
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool | None = None,
+          names: tuple[str, str] = ("embed", "features")):
+    """A Linear layer with the model's initialiser, dtypes and bias switch; `names` are the
+    kernel's logical axes (in, out)."""
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias if bias is None else bias,
-                      kernel_init=dense_init(cfg), rngs=rngs, **dtypes(cfg))
+                      kernel_init=dense_init(cfg), rngs=rngs, kernel_metadata=axes(*names),
+                      bias_metadata=axes(names[1]), **dtypes(cfg))
 
 
 class Embed(nnx.Module):
@@ -45,33 +56,44 @@ class Embed(nnx.Module):
 
     def __init__(self, vocab_size: int, d_model: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.embedding = nnx.Param(
-            EMBED_INIT(rngs.params(), (vocab_size, d_model), jnp.dtype(cfg.param_dtype))
+            EMBED_INIT(rngs.params(), (vocab_size, d_model), jnp.dtype(cfg.param_dtype)),
+            **axes("vocab", "embed"),
         )
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...].astype(self.dtype), tokens_bt, axis=0)
+        # gathered whole before the lookup (as FSDP gathers every weight before use): a row
+        # lookup into a vocab- or embed-sharded table has no efficient partitioned form
+        table_vd = constrain(self.embedding[...].astype(self.dtype), (None, None))
+        return jnp.take(table_vd, tokens_bt, axis=0)
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
-        return x_btd @ self.embedding[...].astype(self.dtype).T
+        logits_btv = x_btd @ self.embedding[...].astype(self.dtype).T
+        return constrain(logits_btv, ("act_batch", "act_length", "act_vocab"))
 
 
 class MLP(nnx.Module):
     """Position-wise feed-forward: d_model -> d_ff -> activation -> d_model."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.up = dense(cfg, cfg.d_model, cfg.d_ff, rngs=rngs)
-        self.down = dense(cfg, cfg.d_ff, cfg.d_model, rngs=rngs)
+        self.up = dense(cfg, cfg.d_model, cfg.d_ff, rngs=rngs, names=("embed", "mlp"))
+        self.down = dense(cfg, cfg.d_ff, cfg.d_model, rngs=rngs, names=("mlp", "embed"))
         self.activation = ACTIVATION_FNS[cfg.activation]
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        return self.down(self.activation(self.up(x_btd)))
+        h_btf = constrain(self.up(x_btd), ("act_batch", "act_length", "act_mlp"))
+        return self.down(self.activation(h_btf))
 
 
 def make_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module | None:
     if cfg.norm == "none":
         return None
-    return nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, rngs=rngs, **dtypes(cfg))
+    return layer_norm(cfg, rngs=rngs)
+
+
+def layer_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, rngs=rngs,
+                         scale_metadata=axes("embed"), bias_metadata=axes("embed"), **dtypes(cfg))
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
@@ -97,11 +119,12 @@ class SinusoidalPositions(nnx.Module):
 class LearnedPositions(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.embedding = nnx.Param(
-            EMBED_INIT(rngs.params(), (cfg.max_len, cfg.d_model), jnp.dtype(cfg.param_dtype))
+            EMBED_INIT(rngs.params(), (cfg.max_len, cfg.d_model), jnp.dtype(cfg.param_dtype)),
+            **axes("positions", "embed"),
         )
 
     def __call__(self, positions_bt: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], positions_bt, axis=0)
+        return jnp.take(constrain(self.embedding[...], (None, None)), positions_bt, axis=0)
 
 
 def make_positions(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module | None:
@@ -133,11 +156,10 @@ class Embeddings(nnx.Module):
         self.positions = make_positions(cfg, rngs=rngs)
         self.token_types = (
             nnx.Param(EMBED_INIT(rngs.params(), (cfg.type_vocab_size, cfg.d_model),
-                                 jnp.dtype(cfg.param_dtype)))
+                                 jnp.dtype(cfg.param_dtype)), **axes("types", "embed"))
             if cfg.type_vocab_size else None
         )
-        self.norm = (nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, rngs=rngs, **dtypes(cfg))
-                     if cfg.embed_norm else None)
+        self.norm = layer_norm(cfg, rngs=rngs) if cfg.embed_norm else None
         self.dropout = nnx.Dropout(cfg.dropout)
         self.max_len = cfg.max_len
 
@@ -150,9 +172,11 @@ class Embeddings(nnx.Module):
             x_btd = x_btd + self.positions(positions_bt).astype(x_btd.dtype)
         if self.token_types is not None:
             types_bt = jnp.zeros_like(positions_bt) if token_types_bt is None else token_types_bt
-            x_btd = x_btd + jnp.take(self.token_types[...], types_bt, axis=0).astype(x_btd.dtype)
+            table_sd = constrain(self.token_types[...], (None, None))
+            x_btd = x_btd + jnp.take(table_sd, types_bt, axis=0).astype(x_btd.dtype)
         if self.norm is not None:
             x_btd = self.norm(x_btd)
+        x_btd = constrain(x_btd, ("act_batch", "act_length", "act_embed"))
         return self.dropout(x_btd, **dropout_kw)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxformer.config import ConfigError, ModelConfig, TrainConfig, to_dict
@@ -17,14 +18,18 @@ from jaxformer.data.pipeline import eval_set, train_iterator
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import save_tokenizer
 from jaxformer.evaluation import eval_loss, exact_match, greedy_completions
-from jaxformer.models import build_model, resolve_model_config
+from jaxformer.models import resolve_model_config
 from jaxformer.objectives import objective_for
+from jaxformer.parallel import (
+    batch_sharding, data_parallel_size, global_batch, initialize_distributed, is_main_process,
+    make_mesh, process_rows, replicated, to_host, use_mesh, with_shardings,
+)
 from jaxformer.run_info import run_metadata
 from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker
 from jaxformer.training.checkpoint import Checkpointer, check_compatible
 from jaxformer.training.optim import make_optimizer, make_schedule
-from jaxformer.training.state import count_params, create_train_state, split_model
-from jaxformer.training.step import make_eval_step, make_train_step
+from jaxformer.training.state import count_params, init_train_state, state_layout
+from jaxformer.training.step import StepShardings, make_eval_step, make_train_step
 
 
 @dataclass
@@ -55,11 +60,33 @@ class Prepared:
     task: Task
     objective: str
     model_cfg: ModelConfig
+    mesh: Mesh
+
+
+def check_parallelism(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh) -> None:
+    """The batch splits over the data axes (and micro-batches), heads over the tensor axis."""
+    trainer, data_ways, tensor = cfg.trainer, data_parallel_size(mesh), mesh.shape["tensor"]
+    if trainer.batch_size % (trainer.grad_accum * data_ways):
+        raise ConfigError(
+            f"trainer.batch_size={trainer.batch_size} does not split into "
+            f"trainer.grad_accum={trainer.grad_accum} micro-batches over the {data_ways} "
+            f"data-parallel devices (mesh.data x mesh.fsdp): make batch_size a multiple of "
+            f"{trainer.grad_accum * data_ways}")
+    if trainer.batch_size % jax.process_count():
+        raise ConfigError(f"trainer.batch_size={trainer.batch_size} does not split over "
+                          f"{jax.process_count()} processes: make it a multiple of that")
+    if model_cfg.n_heads % tensor:
+        raise ConfigError(f"model.n_heads={model_cfg.n_heads} is not divisible by "
+                          f"mesh.tensor={tensor}: tensor parallelism splits whole heads")
+    if model_cfg.d_ff % tensor:
+        raise ConfigError(f"model.d_ff={model_cfg.d_ff} is not divisible by mesh.tensor={tensor}")
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
-    """Everything checkable before compiling: task, objective, model sizes, run dir."""
-    check_writable(run_dir)
+    """Everything checkable before compiling: task, objective, model sizes, mesh, run dir."""
+    if is_main_process():
+        check_writable(run_dir)
+    mesh = make_mesh(cfg.mesh)
     task = build_task(cfg.task)
     objective = objective_for(cfg.model.kind, task.num_classes > 0)
     model_cfg = resolve_model_config(
@@ -72,10 +99,13 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
             f"task {task.cfg.name} needs {needed} positions for the {objective} objective but "
             f"model.max_len={model_cfg.max_len}: set model.max_len>={needed} or shorten the task"
         )
-    return Prepared(task, objective, model_cfg)
+    check_parallelism(cfg, model_cfg, mesh)
+    return Prepared(task, objective, model_cfg, mesh)
 
 
 def make_tracker(cfg: TrainConfig, run_dir: Path, resume_step: int, config: dict) -> tuple[Tracker, str | None]:
+    if not is_main_process():  # one writer per run, whatever the process count
+        return MultiTracker([]), None
     trackers: list[Tracker] = [JsonlTracker(run_dir / "metrics.jsonl", resume_step)]
     wandb_dir = None
     if cfg.logger.wandb.mode != "disabled":
@@ -90,13 +120,21 @@ def make_tracker(cfg: TrainConfig, run_dir: Path, resume_step: int, config: dict
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {key: float(value) for key, value in jax.device_get(metrics).items()}
+    return {key: float(value) for key, value in to_host(metrics).items()}
 
 
 def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) -> TrainResult:
+    initialize_distributed(cfg.mesh)  # before anything touches the devices
     run_dir = Path(run_dir).absolute()
     prepared = prepare(cfg, run_dir)
-    task, objective, model_cfg = prepared.task, prepared.objective, prepared.model_cfg
+    with use_mesh(prepared.mesh):
+        return _train(cfg, run_dir, job_name, prepared)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
+           prepared: Prepared) -> TrainResult:
+    task, objective, model_cfg, mesh = (prepared.task, prepared.objective, prepared.model_cfg,
+                                        prepared.mesh)
     trainer = cfg.trainer
     checkpointer = Checkpointer(run_dir / "checkpoints", trainer.keep_checkpoints,
                                 trainer.checkpoint_every)
@@ -104,22 +142,22 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     if latest is not None:  # refuse another model's checkpoint before building anything
         check_compatible(checkpointer.read_meta(latest)["model"], to_dict(model_cfg),
                          checkpointer.directory)
-    save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
+    if is_main_process():
+        save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
 
     tx = make_optimizer(cfg.optim, trainer.steps)
     schedule = make_schedule(cfg.optim, trainer.steps)
-    # Abstract first: shapes come from eval_shape; real arrays are made once, or restored.
-    abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, cfg.seed))
-    graphdef, abstract_params, rest = split_model(abstract_model)
-    abstract_state = jax.eval_shape(lambda p: create_train_state(p, tx, cfg.seed), abstract_params)
-    data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed)
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, abstract_state)
+    layout = state_layout(model_cfg, tx, cfg.seed, mesh)  # shapes + shardings, no arrays yet
+    graphdef, rest = layout.graphdef, layout.rest
+    shardings = StepShardings(layout.shardings, batch_sharding(mesh), replicated(mesh))
+    data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed,
+                               rows=process_rows(trainer.batch_size))
+    if latest is not None:  # restored straight into this mesh's shards, whatever wrote it
+        state, data_state = checkpointer.restore(
+            latest, with_shardings(layout.abstract, layout.shardings))
         data_iter.set_state(data_state)
     else:
-        state = jax.jit(
-            lambda: create_train_state(split_model(build_model(model_cfg, cfg.seed))[1], tx, cfg.seed)
-        )()
+        state = init_train_state(model_cfg, tx, cfg.seed, layout.shardings)
     start_step = int(state.step)
 
     n_params = count_params(state.params)
@@ -130,7 +168,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     tracker, wandb_dir = make_tracker(cfg, run_dir, start_step, config)
     meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective}
 
-    train_step = make_train_step(graphdef, rest, tx, schedule, objective)
+    train_step = make_train_step(graphdef, rest, tx, schedule, objective,
+                                 grad_accum=trainer.grad_accum, shardings=shardings)
     eval_step = make_eval_step(graphdef, rest, objective)
     heldout = eval_set(task, objective)
 
@@ -148,7 +187,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     tokens_per_step = trainer.batch_size * task.max_positions(objective)
     pending: tuple[int, dict] | None = None  # step N's metrics, read after step N+1 is dispatched
     last_time, last_step = time.perf_counter(), start_step
-    progress = tqdm(total=trainer.steps, initial=start_step, disable=not trainer.progress,
+    progress = tqdm(total=trainer.steps, initial=start_step,
+                    disable=not (trainer.progress and is_main_process()),
                     desc="train", unit="step", dynamic_ncols=True)
 
     def flush() -> None:
@@ -172,7 +212,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     eval_metrics: dict[str, float] = {}
     try:
         for step in range(start_step + 1, trainer.steps + 1):
-            state, metrics = train_step(state, next(data_iter))
+            batch = global_batch(next(data_iter), mesh, trainer.batch_size)
+            state, metrics = train_step(state, batch)
             flush()
             if step % trainer.log_every == 0 or step == trainer.steps:
                 pending = (step, metrics)
@@ -180,10 +221,9 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
             if step % trainer.eval_every == 0 or step == trainer.steps:
                 flush()
                 eval_metrics = evaluate(step)
-                progress.write(
-                    f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
-                    f"exact match {eval_metrics['exact_match']:.3f}"
-                )
+                if is_main_process():
+                    progress.write(f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
+                                   f"exact match {eval_metrics['exact_match']:.3f}")
             if checkpointer.should_save(step) or step == trainer.steps:
                 checkpointer.save(step, state, data_iter.get_state(), meta, force=True)
         flush()

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
+
+from jaxformer.config import ModelConfig
+from jaxformer.models import build_model
+from jaxformer.parallel import tree_shardings
 
 
 @struct.dataclass
@@ -32,3 +39,30 @@ def create_train_state(params: nnx.State, tx: optax.GradientTransformation, seed
 
 def count_params(params: nnx.State) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The train state known before any array exists: structure, shapes and placement."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State  # non-trainable model state
+    abstract: TrainState  # ShapeDtypeStruct leaves
+    shardings: TrainState  # NamedSharding leaves, from the parameters' logical axis names
+
+
+def state_layout(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+                 mesh: Mesh) -> StateLayout:
+    """Abstract first (nnx.eval_shape): shapes and shardings without allocating anything."""
+    graphdef, abstract_params, rest = split_model(nnx.eval_shape(lambda: build_model(model_cfg, seed)))
+    abstract = jax.eval_shape(lambda params: create_train_state(params, tx, seed), abstract_params)
+    return StateLayout(graphdef, rest, abstract, tree_shardings(abstract, mesh))
+
+
+def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+                     shardings: TrainState) -> TrainState:
+    """A fresh state, initialised under jit straight into its shards: no device ever holds a
+    full copy of a sharded parameter or optimizer moment."""
+    def init() -> TrainState:
+        return create_train_state(split_model(build_model(model_cfg, seed))[1], tx, seed)
+    return jax.jit(init, out_shardings=shardings)()

@@ -1,42 +1,104 @@
 """The pure train and eval steps: merge the model inside jit, compute, return a new state.
 
-The graphdef is closed over (static); the TrainState is donated so XLA updates it in place.
+The graphdef is closed over (static); the TrainState is donated so XLA updates it in place. With a
+mesh, the step is jitted with explicit shardings (state as its logical axes say, batch split over
+data x fsdp, metrics replicated) and GSPMD inserts the collectives.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Sharding
 
 from jaxformer.objectives import model_loss
+from jaxformer.parallel import constrain
 from jaxformer.training.state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
+@dataclass(frozen=True)
+class StepShardings:
+    """Where the step's inputs and outputs live (see jaxformer.parallel)."""
+
+    state: TrainState  # a TrainState-shaped pytree of shardings
+    batch: Sharding  # every batch field: rows split over data x fsdp
+    replicated: Sharding  # metrics
+
+
+def micro_batches(batch: Batch, grad_accum: int) -> Batch:
+    """(B, ...) -> (grad_accum, B / grad_accum, ...), micro-batch a taking rows a, a + A, ...
+
+    Strided rows keep every micro-batch spread over all data-parallel devices (contiguous chunks
+    would each live on a few devices and force a reshuffle)."""
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: Batch, grad_accum: int,
+                         dropout_key: jax.Array) -> tuple[nnx.State, dict]:
+    """Gradients and metrics of the whole batch from `grad_accum` sequential micro-batches.
+
+    Each micro-batch's mean loss is weighted by its token (or example) count, so the result equals
+    one pass over the full batch: same loss, same gradient, 1/grad_accum of the activations."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (_, metrics), grads = grad_fn(params, batch, dropout_key)
+        return grads, metrics
+
+    def body(carry, micro):
+        grad_sum, loss_sum, correct_sum, count_sum = carry
+        index, micro_batch = micro
+        (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(dropout_key, index))
+        count = metrics["count"]
+        grad_sum = jax.tree.map(lambda total, g: total + g * count, grad_sum, grads)
+        return (grad_sum, loss_sum + metrics["loss"] * count,
+                correct_sum + metrics["accuracy"] * count, count_sum + count), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+    xs = (jnp.arange(grad_accum), micro_batches(batch, grad_accum))
+    (grad_sum, loss_sum, correct_sum, count), _ = jax.lax.scan(body, init, xs)
+    total = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / total, grad_sum)
+    return grads, {"loss": loss_sum / total, "accuracy": correct_sum / total, "count": count}
+
+
 def make_train_step(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-    schedule: optax.Schedule, objective: str,
+    schedule: optax.Schedule, objective: str, *, grad_accum: int = 1,
+    shardings: StepShardings | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    def loss_fn(params: nnx.State, batch: Batch, dropout_key: jax.Array):
+        model = nnx.merge(graphdef, params, rest)
+        rngs = nnx.Rngs(dropout=dropout_key)  # made inside the grad trace that draws from it
+        return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, rest)
-            rngs = nnx.Rngs(dropout=dropout_key)  # made inside the grad trace that draws from it
-            return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
-
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads, metrics = accumulate_gradients(loss_fn, state.params, batch, grad_accum,
+                                              dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(
+        train_step, donate_argnums=0,
+        in_shardings=(shardings.state, shardings.batch),
+        out_shardings=(shardings.state, shardings.replicated),
+    )
 
 
 def make_eval_step(
