@@ -28,13 +28,17 @@ def report(result) -> None:
         mark = "ok " if correct else "BAD"
         print(f"  [{mark}] {prompt}{completion:<8} (expected {expected})")
     metrics = result.eval_metrics
-    by_digits = ", ".join(
-        f"{key.removeprefix('exact_match_')}: {value:.1%}"
-        for key, value in metrics.items() if key.startswith("exact_match_")
-    )
-    print(f"\nheld-out greedy exact match after {result.step} steps ({result.objective}): "
-          f"{metrics['exact_match']:.1%} ({by_digits}); "
-          f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
+    if "exact_match" in metrics:
+        by_digits = ", ".join(
+            f"{key.removeprefix('exact_match_')}: {value:.1%}"
+            for key, value in metrics.items() if key.startswith("exact_match_")
+        )
+        print(f"\nheld-out greedy exact match after {result.step} steps ({result.objective}): "
+              f"{metrics['exact_match']:.1%} ({by_digits}); "
+              f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
+    else:  # vector tasks: no text answers
+        print(f"\nheld-out after {result.step} steps ({result.objective}): "
+              f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
     print(f"run dir:  {result.run_dir}")
     print(f"metrics:  {result.metrics_path}")
     print(f"wandb:    {result.wandb_dir or 'disabled'}"
@@ -54,7 +58,7 @@ def main(cfg: DictConfig) -> float:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     report(result)
-    return result.eval_metrics["exact_match"]
+    return result.eval_metrics.get("exact_match", result.eval_metrics["accuracy"])
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ WIDTHS = {  # the documented width of each array of each objective
 
 
 def objectives_of(task) -> list[str]:
-    return [o for o in OBJECTIVES if o != "classification" or task.is_classification]
+    """The token objectives `task` can serve (vector_classification is for vector tasks)."""
+    return [o for o in OBJECTIVES
+            if o != "vector_classification" and (o != "classification" or task.is_classification)]
 
 
 def decode(task, ids) -> str:

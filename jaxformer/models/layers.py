@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
+from jaxformer.models.probes import record_activation
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -63,9 +64,14 @@ class MLP(nnx.Module):
         self.up = dense(cfg, cfg.d_model, cfg.d_ff, rngs=rngs)
         self.down = dense(cfg, cfg.d_ff, cfg.d_model, rngs=rngs)
         self.activation = ACTIVATION_FNS[cfg.activation]
+        self.activation_name = cfg.activation
+        self.diagnose = False  # see models/probes.py
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        return self.down(self.activation(self.up(x_btd)))
+        pre_btf = self.up(x_btd)
+        hidden_btf = self.activation(pre_btf)
+        record_activation(self, pre_btf, hidden_btf)
+        return self.down(hidden_btf)
 
 
 def make_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module | None:

@@ -16,6 +16,8 @@ from jaxformer.config import ConfigError, ModelConfig, TrainConfig, to_dict
 from jaxformer.data.pipeline import eval_set, train_iterator
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import save_tokenizer
+from jaxformer.data.vectors import TeacherTask
+from jaxformer.diagnostics import diagnostics_metrics, make_diagnostics
 from jaxformer.evaluation import eval_loss, exact_match, greedy_completions
 from jaxformer.models import build_model, resolve_model_config
 from jaxformer.objectives import objective_for
@@ -52,7 +54,7 @@ def check_writable(run_dir: Path) -> None:
 
 @dataclass
 class Prepared:
-    task: Task
+    task: Task | TeacherTask
     objective: str
     model_cfg: ModelConfig
 
@@ -62,9 +64,11 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     check_writable(run_dir)
     task = build_task(cfg.task)
     objective = objective_for(cfg.model.kind, task.num_classes > 0)
+    vector_task = task.tokenizer is None
     model_cfg = resolve_model_config(
-        cfg.model, task.tokenizer.get_vocab_size(),
-        task.num_classes if objective == "classification" else 0,
+        cfg.model, None if vector_task else task.tokenizer.get_vocab_size(),
+        task.num_classes if objective in ("classification", "vector_classification") else 0,
+        task.input_dim if vector_task else None,
     )
     needed = task.max_positions(objective)
     if needed > model_cfg.max_len:
@@ -104,7 +108,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     if latest is not None:  # refuse another model's checkpoint before building anything
         check_compatible(checkpointer.read_meta(latest)["model"], to_dict(model_cfg),
                          checkpointer.directory)
-    save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
+    if task.tokenizer is not None:
+        save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
 
     tx = make_optimizer(cfg.optim, trainer.steps)
     schedule = make_schedule(cfg.optim, trainer.steps)
@@ -133,26 +138,34 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     train_step = make_train_step(graphdef, rest, tx, schedule, objective)
     eval_step = make_eval_step(graphdef, rest, objective)
     heldout = eval_set(task, objective)
+    every = trainer.diagnostics_every
+    diagnose = make_diagnostics(graphdef, rest, tx, objective) if every else None
 
     completions: list[str] = []
 
     def evaluate(step: int) -> dict[str, float]:
         nonlocal completions
-        model = nnx.merge(graphdef, state.params, rest)
-        completions = greedy_completions(model, heldout, task, objective, trainer.eval_batch_size)
-        metrics = {**eval_loss(eval_step, state.params, heldout, trainer.eval_batch_size),
-                   **exact_match(task, heldout, completions)}
+        metrics = eval_loss(eval_step, state.params, heldout, trainer.eval_batch_size)
+        if task.tokenizer is not None:  # answers as text, checked by the task
+            model = nnx.merge(graphdef, state.params, rest)
+            completions = greedy_completions(model, heldout, task, objective, trainer.eval_batch_size)
+            metrics.update(exact_match(task, heldout, completions))
         tracker.log(metrics, step, "eval")
         return metrics
 
     tokens_per_step = trainer.batch_size * task.max_positions(objective)
     pending: tuple[int, dict] | None = None  # step N's metrics, read after step N+1 is dispatched
+    pending_diagnostics: tuple[int, dict] | None = None  # read after the update is dispatched
     last_time, last_step = time.perf_counter(), start_step
     progress = tqdm(total=trainer.steps, initial=start_step, disable=not trainer.progress,
                     desc="train", unit="step", dynamic_ncols=True)
 
     def flush() -> None:
-        nonlocal pending, last_time, last_step
+        nonlocal pending, pending_diagnostics, last_time, last_step
+        if pending_diagnostics is not None:
+            tracker.log(diagnostics_metrics(pending_diagnostics[1]), pending_diagnostics[0],
+                        "diagnostics")
+            pending_diagnostics = None
         if pending is None:
             return
         step, device_metrics = pending
@@ -172,7 +185,11 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     eval_metrics: dict[str, float] = {}
     try:
         for step in range(start_step + 1, trainer.steps + 1):
-            state, metrics = train_step(state, next(data_iter))
+            batch = next(data_iter)
+            taken = step - 1  # updates so far; a resumed run logged its restored step already
+            if diagnose is not None and taken % every == 0 and not taken == start_step > 0:
+                pending_diagnostics = (taken, diagnose(state, batch))  # before donating state
+            state, metrics = train_step(state, batch)
             flush()
             if step % trainer.log_every == 0 or step == trainer.steps:
                 pending = (step, metrics)
@@ -180,10 +197,10 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
             if step % trainer.eval_every == 0 or step == trainer.steps:
                 flush()
                 eval_metrics = evaluate(step)
-                progress.write(
-                    f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
-                    f"exact match {eval_metrics['exact_match']:.3f}"
-                )
+                score = ("exact match", eval_metrics["exact_match"]) if "exact_match" in eval_metrics \
+                    else ("accuracy", eval_metrics["accuracy"])
+                progress.write(f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
+                               f"{score[0]} {score[1]:.3f}")
             if checkpointer.should_save(step) or step == trainer.steps:
                 checkpointer.save(step, state, data_iter.get_state(), meta, force=True)
         flush()

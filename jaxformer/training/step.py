@@ -17,17 +17,26 @@ from jaxformer.training.state import TrainState
 Batch = dict[str, jax.Array]
 
 
+def dropout_key(state: TrainState) -> jax.Array:
+    """The dropout key of the step `state` is about to take."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def training_loss(model: nnx.Module, batch: Batch, objective: str, key: jax.Array):
+    """(loss, metrics) as the train step differentiates them: dropout on, drawn from `key`."""
+    rngs = nnx.Rngs(dropout=key)  # made inside the grad trace that draws from it
+    return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
     schedule: optax.Schedule, objective: str,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        key = dropout_key(state)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, rest)
-            rngs = nnx.Rngs(dropout=dropout_key)  # made inside the grad trace that draws from it
-            return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
+            return training_loss(nnx.merge(graphdef, params, rest), batch, objective, key)
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
