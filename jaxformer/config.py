@@ -88,6 +88,11 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
                 "pick d_model as a multiple of n_heads"
             )
+        if self.kind == "mlp" and (self.residual or self.norm != "none"):
+            raise ConfigError(
+                f"model.kind=mlp is a plain MLP (model.residual={self.residual}, "
+                f"model.norm={self.norm!r}): set model.residual=false model.norm=none"
+            )
         _check_choice("model", self, "activation", ACTIVATIONS)
         _check_choice("model", self, "positions", POSITIONS)
         _check_choice("model", self, "norm", NORMS)
@@ -203,6 +208,9 @@ class TrainerConfig:
     num_samples: int = 4  # completions printed at the end of training
     progress: bool = True
     diagnostics_every: int = 0  # per-layer gradient/activation diagnostics at step 0 and every N steps; 0: off
+    # persistent XLA cache: a job whose programs match an earlier job's loads them instead of
+    # compiling (the jobs of a sweep share most programs); None: off
+    compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_positive(

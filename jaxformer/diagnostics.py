@@ -109,7 +109,9 @@ def make_diagnostics(
 
 
 def _ratio(first: float, last: float) -> float:
-    return first / last if last > 0 else float("nan")
+    if last > 0:
+        return first / last
+    return float("nan") if first == 0 else float("inf")  # nan: no gradient reaches either layer
 
 
 def diagnostics_metrics(result: dict) -> dict[str, float]:

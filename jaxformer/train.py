@@ -10,6 +10,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from jaxformer.cli import preflight
@@ -49,13 +50,15 @@ def report(result) -> None:
 def main(cfg: DictConfig) -> float:
     from jaxformer.training.loop import train  # after config checks: importing jax is slow
 
+    hydra_cfg = HydraConfig.get()
     try:
         config = to_train_config(cfg)
-        hydra_cfg = HydraConfig.get()
         job_name = (hydra_cfg.job.override_dirname or config.name)[:128]
         result = train(config, hydra_cfg.runtime.output_dir, job_name=job_name)
     except (ConfigError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, FloatingPointError) and hydra_cfg.mode == RunMode.MULTIRUN:
+            return float("nan")  # a diverged job is a result of a sweep, not its end
         sys.exit(2)
     report(result)
     return result.eval_metrics.get("exact_match", result.eval_metrics["accuracy"])

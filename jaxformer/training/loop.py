@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from tqdm import tqdm
 
 from jaxformer.config import ConfigError, ModelConfig, TrainConfig, to_dict
@@ -93,6 +94,16 @@ def make_tracker(cfg: TrainConfig, run_dir: Path, resume_step: int, config: dict
     return MultiTracker(trackers), wandb_dir
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Point JAX's persistent compilation cache at `directory`, caching every program (the
+    default skips those that compile in under a second: all of a small model's)."""
+    path = str(Path(directory).expanduser().absolute())
+    if jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.reset_cache()
+        compilation_cache.set_cache_dir(path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in jax.device_get(metrics).items()}
 
@@ -111,6 +122,8 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     if task.tokenizer is not None:
         save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
 
+    if trainer.compilation_cache_dir:
+        use_compilation_cache(trainer.compilation_cache_dir)
     tx = make_optimizer(cfg.optim, trainer.steps)
     schedule = make_schedule(cfg.optim, trainer.steps)
     # Abstract first: shapes come from eval_shape; real arrays are made once, or restored.
@@ -172,6 +185,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
         pending = None
         metrics = _floats(device_metrics)
         if not math.isfinite(metrics["loss"]):
+            tracker.log(metrics, step, "train")  # the divergence is part of the run's record
             raise FloatingPointError(
                 f"train loss is {metrics['loss']} at step {step}: lower optim.lr or raise "
                 f"optim.warmup_steps (last good checkpoint: {checkpointer.latest_step()})"
