@@ -142,6 +142,12 @@ def steps_to_threshold(run: Run, threshold: float) -> int | None:
     return None
 
 
+def _largest(record: dict, stat: str) -> float:
+    """The largest per-layer value of `stat` in a diagnostics record."""
+    values = layer_values(record, stat)
+    return float(values.max()) if len(values) else float("nan")
+
+
 def summarize(run: Run, fraction: float) -> dict:
     first, last = (run.diagnostics[0], run.diagnostics[-1]) if run.diagnostics else ({}, {})
     final_eval = run.evals[-1] if run.evals else {}
@@ -155,10 +161,13 @@ def summarize(run: Run, fraction: float) -> dict:
         "act_ratio_init": first.get("act_grad_ratio", float("nan")),
         "ratio_end": last.get("grad_ratio", float("nan")),
         "end_step": last.get("step", 0),
+        "saturated_end": _largest(last, "saturated_frac"),
+        "dead_end": _largest(last, "dead_frac"),
         "final_train_loss": float(np.mean([l for _, l in run.train[-SMOOTH:]])) if run.train else float("nan"),
         "final_eval_loss": final_eval.get("loss", float("nan")),
         "final_accuracy": final_eval.get("accuracy", float("nan")),
         "threshold": threshold,
+        "fraction": fraction,
         "steps_to_threshold": reached if reached is not None else run.steps,
         "censored": reached is None,
         "diverged": diverged,
@@ -167,6 +176,11 @@ def summarize(run: Run, fraction: float) -> dict:
 
 
 # -- pooling seeds --------------------------------------------------------------------------------
+def mean(values) -> float:
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def geomean(values) -> float:
     values = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
     if not len(values):
@@ -285,8 +299,9 @@ def plot_loss_curves(runs: list[Run], path: Path) -> None:
     fig = Figure(figsize=(4.2 * len(acts), 2.8 * len(arms)), layout="constrained")
     axes = fig.subplots(len(arms), len(acts), squeeze=False)
     for (arm, act, depth), members in sorted(groups.items()):
-        steps = [s for s, _ in members[0].train]
-        losses = np.nanmean([[l for _, l in run.train][: len(steps)] for run in members], axis=0)
+        n = min(len(run.train) for run in members)  # a diverged seed stops early
+        steps = [s for s, _ in members[0].train[:n]]
+        losses = np.mean([[l for _, l in run.train[:n]] for run in members], axis=0)
         smooth = np.convolve(losses, np.ones(SMOOTH) / SMOOTH, mode="valid")
         ax = axes[arms.index(arm), acts.index(act)]
         ax.plot(steps[SMOOTH - 1 :], smooth, color=colors[depth], label=f"depth {depth}")
@@ -310,12 +325,14 @@ def plot_heatmaps(rows: list[dict], path: Path) -> None:
     fig = Figure(figsize=(4.6 * n_cols, 2.6 * math.ceil(len(arms) / 3)), layout="constrained")
     axes = fig.subplots(math.ceil(len(arms) / n_cols), n_cols, squeeze=False).ravel()
     for ax, arm in zip(axes, arms):
-        grid = np.array([[np.nanmean([x["final_eval_loss"] for x in grouped.get((arm, a, d), [])] or [np.nan])
+        grid = np.array([[mean([x["final_eval_loss"] for x in grouped.get((arm, a, d), [])])
                           for d in depths] for a in acts])
-        image = ax.imshow(grid, cmap="magma_r", aspect="auto")
+        chance = next(x["threshold"] / x["fraction"] for x in rows if arm_of(x) == arm)
+        # one colour scale for every panel: the loss as a share of the chance loss
+        image = ax.imshow(grid / chance, cmap="magma_r", aspect="auto", vmin=0.0, vmax=1.0)
         for (i, j), value in np.ndenumerate(grid):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if value > np.nanmean(grid) else "black")
+                    color="white" if value / chance > 0.55 else "black")
         ax.set_xticks(range(len(depths)), [str(d) for d in depths], fontsize=7)
         ax.set_yticks(range(len(acts)), acts, fontsize=7)
         ax.set_xlabel("depth", fontsize=8)
@@ -323,7 +340,7 @@ def plot_heatmaps(rows: list[dict], path: Path) -> None:
         fig.colorbar(image, ax=ax, shrink=0.8)
     for ax in axes[len(arms):]:
         ax.axis("off")
-    fig.suptitle("final held-out loss")
+    fig.suptitle("final held-out loss (colour: share of the chance loss ln classes)")
     save(fig, path)
 
 
@@ -391,8 +408,8 @@ def ratio_cell(column: str):
     return cell
 
 
-def loss_cell(members: list[dict]) -> str:
-    return f"{np.nanmean([m['final_eval_loss'] for m in members]):.3f}"
+def mean_cell(column: str, fmt: str = ".3f"):
+    return lambda members: f"{mean(m[column] for m in members):{fmt}}"
 
 
 def threshold_cell(members: list[dict]) -> str:
@@ -419,14 +436,20 @@ def write_summary(rows: list[dict], source: str, fraction: float, path: Path) ->
         pivot(rows, "act_ratio_init", ratio_cell("act_ratio_init"), by_arm=False),
         "", "## First/last weight-gradient ratio at the end of training", "",
         pivot(rows, "ratio_end", ratio_cell("ratio_end")),
-        "", "## Final held-out loss", "", pivot(rows, "final_eval_loss", loss_cell),
+        "", "## Final held-out loss", "", pivot(rows, "final_eval_loss", mean_cell("final_eval_loss")),
+        "", "## Largest saturated share of any layer's activations at the end "
+        "(sigmoid: outputs outside [0.01, 0.99]; relu: zeros; gelu: slope below 0.01)", "",
+        pivot(rows, "saturated_end", mean_cell("saturated_end", ".2f")),
+        "", "## Largest dead-unit share of any layer at the end (zero for the whole batch)", "",
+        pivot(rows, "dead_end", mean_cell("dead_end", ".2f")),
         "", "## Steps to the loss threshold", "", pivot(rows, "steps_to_threshold", threshold_cell), "",
     ]
     path.write_text("\n".join(text))
 
 
 CSV_COLUMNS = ("arch", "init", "optimizer", "activation", "depth", "seed", "ratio_init",
-               "act_ratio_init", "ratio_end", "end_step", "final_train_loss", "final_eval_loss",
+               "act_ratio_init", "ratio_end", "end_step", "saturated_end", "dead_end",
+               "final_train_loss", "final_eval_loss",
                "final_accuracy", "threshold", "steps_to_threshold", "censored", "diverged", "path")
 
 
@@ -452,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_COLUMNS)
+        writer = csv.DictWriter(handle, CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     write_summary(rows, source, args.threshold_fraction, out / "summary.md")
