@@ -209,7 +209,7 @@ def ordered(values, order=ACTIVATION_ORDER):
 # -- figures --------------------------------------------------------------------------------------
 def save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
 
 
 def depth_colors(depths):
@@ -470,8 +470,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: no runs with diagnostics in {source}: sweep with "
                          "trainer.diagnostics_every > 0 (the study's experiments do)")
     rows = [summarize(run, args.threshold_fraction) for run in runs]
-    rows.sort(key=lambda r: (r["arch"], r["init"], r["optimizer"],
-                             ordered([r["activation"]]), r["depth"], r["seed"]))
+    rank = {act: i for i, act in enumerate(ordered(r["activation"] for r in rows))}
+    rows.sort(key=lambda r: (r["arch"], r["init"], r["optimizer"], rank[r["activation"]],
+                             r["depth"], r["seed"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "runs.csv").open("w", newline="") as handle:
