@@ -33,6 +33,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from jaxformer.config import TaskConfig
+from jaxformer.data.tasks import build_task
+
 ACTIVATION_ORDER = ("sigmoid", "relu", "gelu", "gelu_tanh", "silu")
 SMOOTH = 3  # logged train losses in the running mean that decides the threshold step
 SIGMOID_SLOPE_MAX = 0.25  # sigma'(x) <= 1/4
@@ -69,7 +72,8 @@ def arch_name(model: dict) -> str:
 
 
 def chance_loss(task: dict) -> float:
-    classes = task["num_classes"] if task["name"] == "teacher" else 2 if task["name"] == "is_sorted" else 0
+    """ln(classes): the loss of a uniform guess on a classification task (nan on other tasks)."""
+    classes = build_task(TaskConfig(**task)).num_classes
     return math.log(classes) if classes else float("nan")
 
 

@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     try:
         for step in range(start_step + 1, trainer.steps + 1):
             batch = next(data_iter)
-            taken = step - 1  # updates so far; a resumed run logged its restored step already
+            taken = step - 1  # updates so far; a resumed run leaves its restored step to the first run
             if diagnose is not None and taken % every == 0 and not taken == start_step > 0:
                 pending_diagnostics = (taken, diagnose(state, batch))  # before donating state
             state, metrics = train_step(state, batch)
