@@ -20,10 +20,13 @@ NORMS = ("pre", "post", "none")
 DTYPES = ("float32", "bfloat16")
 INITS = ("normal", "xavier", "he")
 ATTENTION_IMPLS = ("xla", "reference")
-MODEL_KINDS = ("encoder", "decoder", "encoder_decoder")
+MODEL_KINDS = ("encoder", "decoder", "encoder_decoder", "mlp")
 POOLINGS = ("cls", "mean")
-TASKS = ("addition", "reverse", "sort", "is_sorted")
+TOKEN_TASKS = ("addition", "reverse", "sort", "is_sorted")
+VECTOR_TASKS = ("teacher",)  # real-valued feature vectors: the mlp's tasks
+TASKS = TOKEN_TASKS + VECTOR_TASKS
 SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "sgd")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -46,12 +49,13 @@ def _check_choice(prefix: str, obj: Any, name: str, choices: tuple[str, ...]) ->
 
 @dataclass
 class ModelConfig:
-    kind: str = "decoder"  # encoder (BERT-like) | decoder (GPT-like) | encoder_decoder (T5-like)
+    kind: str = "decoder"  # encoder (BERT-like) | decoder (GPT-like) | encoder_decoder (T5-like) | mlp
     vocab_size: Optional[int] = None  # None: taken from the task's tokenizer
+    input_dim: Optional[int] = None  # mlp: features per example; None: taken from the task
     max_len: int = 32  # context window (positions table size)
     d_model: int = 128
     n_heads: int = 4
-    n_layers: int = 2  # blocks per stack (the encoder's, for encoder_decoder)
+    n_layers: int = 2  # blocks per stack (the encoder's, for encoder_decoder; hidden layers, for mlp)
     n_decoder_layers: Optional[int] = None  # encoder_decoder's decoder stack; None: n_layers
     d_ff: int = 512
     activation: str = "gelu"
@@ -76,13 +80,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice("model", self, "kind", MODEL_KINDS)
         _check_positive("model", self, "max_len", "d_model", "n_heads", "n_layers", "d_ff")
-        for name in ("vocab_size", "n_decoder_layers"):
+        for name in ("vocab_size", "input_dim", "n_decoder_layers"):
             if getattr(self, name) is not None:
                 _check_positive("model", self, name)
-        if self.d_model % self.n_heads:
+        if self.kind != "mlp" and self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
                 "pick d_model as a multiple of n_heads"
+            )
+        if self.kind == "mlp" and (self.residual or self.norm != "none"):
+            raise ConfigError(
+                f"model.kind=mlp is a plain MLP (model.residual={self.residual}, "
+                f"model.norm={self.norm!r}): set model.residual=false model.norm=none"
             )
         _check_choice("model", self, "activation", ACTIVATIONS)
         _check_choice("model", self, "positions", POSITIONS)
@@ -129,11 +138,16 @@ class TaskConfig:
     eval_size: int = 500  # held-out problems used for evaluation
     split_seed: int = 1234  # fixes the held-out set independently of the run's seed
     mask_prob: float = 0.15  # encoder masked-LM: share of tokens to predict (80% <mask>, 10% random, 10% kept)
+    # teacher: Gaussian feature vectors labelled by a fixed random teacher network (model.kind=mlp)
+    input_dim: int = 16  # features per example
+    num_classes: int = 4
+    teacher_width: int = 32  # hidden units of the teacher
 
     def __post_init__(self) -> None:
         _check_choice("task", self, "name", TASKS)
         _check_positive(
             "task", self, "min_digits", "max_digits", "eval_size", "min_length", "max_length",
+            "input_dim", "teacher_width",
         )
         if self.min_digits > self.max_digits:
             raise ConfigError(
@@ -149,6 +163,8 @@ class TaskConfig:
             raise ConfigError(f"task.n_symbols={self.n_symbols} must be between 2 and 36")
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"task.mask_prob={self.mask_prob} must be in (0, 1)")
+        if self.num_classes < 2:
+            raise ConfigError(f"task.num_classes={self.num_classes} must be at least 2")
         if self.train_size is not None:
             _check_positive("task", self, "train_size")
 
@@ -165,15 +181,17 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for the cosine schedule
     clip_norm: float = 1.0  # global-norm clipping; 0 disables it
+    momentum: float = 0.9  # sgd: heavy-ball momentum; 0 gives plain SGD
+    nesterov: bool = False  # sgd: Nesterov momentum
 
     def __post_init__(self) -> None:
-        _check_choice("optim", self, "name", ("adamw",))
+        _check_choice("optim", self, "name", OPTIMIZERS)
         _check_choice("optim", self, "schedule", SCHEDULES)
         _check_positive("optim", self, "lr")
         for name in ("weight_decay", "warmup_steps", "clip_norm", "min_lr_ratio", "eps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
-        for name in ("b1", "b2"):
+        for name in ("b1", "b2", "momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
 
@@ -192,6 +210,10 @@ class TrainerConfig:
     # micro-batches per optimizer step: batch_size is the global batch, split into grad_accum
     # sequential pieces whose gradients are averaged (same result, 1/grad_accum the activations)
     grad_accum: int = 1
+    diagnostics_every: int = 0  # per-layer gradient/activation diagnostics at step 0 and every N steps; 0: off
+    # persistent XLA cache: a job whose programs match an earlier job's loads them instead of
+    # compiling (the jobs of a sweep share most programs); None: off
+    compilation_cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -204,8 +226,9 @@ class TrainerConfig:
                 f"trainer.grad_accum={self.grad_accum}: the global batch splits into grad_accum "
                 "equal micro-batches"
             )
-        if self.num_samples < 0:
-            raise ConfigError(f"trainer.num_samples={self.num_samples} must be >= 0")
+        for name in ("num_samples", "diagnostics_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass
@@ -262,6 +285,19 @@ class TrainConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     seed: int = 0
     name: str = "default"  # experiment name: the wandb group and the run dir's parent
+
+    def __post_init__(self) -> None:
+        vector_task = self.task.name in VECTOR_TASKS
+        if self.model.kind == "mlp" and not vector_task:
+            raise ConfigError(
+                f"model.kind=mlp reads feature vectors, not task.name={self.task.name!r}: "
+                f"use a vector task ({', '.join(VECTOR_TASKS)})"
+            )
+        if self.model.kind != "mlp" and vector_task:
+            raise ConfigError(
+                f"task.name={self.task.name!r} gives feature vectors, which model.kind="
+                f"{self.model.kind} cannot read: use model=mlp"
+            )
 
 
 def register_configs() -> None:

@@ -1,8 +1,8 @@
 """Objectives: which loss each model family trains with, its forward pass and its metrics.
 
 Every loss returns (scalar loss, metrics) with metrics {"loss", "accuracy", "count"}: accuracy is
-next-token (clm, seq2seq), masked-token (mlm) or label (classification) accuracy, and count the
-tokens or examples it averages over, so evaluation can pool batches exactly.
+next-token (clm, seq2seq), masked-token (mlm) or label (classification, vector_classification)
+accuracy, and count the tokens or examples it averages over, so evaluation can pool batches exactly.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-OBJECTIVES = ("clm", "seq2seq", "mlm", "classification")
+OBJECTIVES = ("clm", "seq2seq", "mlm", "classification", "vector_classification")
 Metrics = dict[str, jax.Array]
 
 
@@ -20,7 +20,7 @@ def objective_for(kind: str, classification_task: bool) -> str:
     """The objective a model family trains with on a task."""
     if kind == "encoder":
         return "classification" if classification_task else "mlm"
-    return {"decoder": "clm", "encoder_decoder": "seq2seq"}[kind]
+    return {"decoder": "clm", "encoder_decoder": "seq2seq", "mlp": "vector_classification"}[kind]
 
 
 def token_loss(
@@ -70,4 +70,6 @@ def model_loss(
     if objective == "classification":
         hidden_btd = model(batch["tokens"], batch["valid"], **kw)
         return classification_loss(model.classify(hidden_btd, batch["valid"], **kw), batch["label"])
+    if objective == "vector_classification":
+        return classification_loss(model(batch["features"], **kw), batch["label"])
     raise ValueError(f"unknown objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")

@@ -10,6 +10,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from jaxformer.cli import per_process_overrides, preflight
@@ -29,13 +30,17 @@ def report(result) -> None:
         mark = "ok " if correct else "BAD"
         print(f"  [{mark}] {prompt + completion:<{width}}  (expected {expected})")
     metrics = result.eval_metrics
-    by_digits = ", ".join(
-        f"{key.removeprefix('exact_match_')}: {value:.1%}"
-        for key, value in metrics.items() if key.startswith("exact_match_")
-    )
-    print(f"\nheld-out greedy exact match after {result.step} steps ({result.objective}): "
-          f"{metrics['exact_match']:.1%} ({by_digits}); "
-          f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
+    if "exact_match" in metrics:
+        by_digits = ", ".join(
+            f"{key.removeprefix('exact_match_')}: {value:.1%}"
+            for key, value in metrics.items() if key.startswith("exact_match_")
+        )
+        print(f"\nheld-out greedy exact match after {result.step} steps ({result.objective}): "
+              f"{metrics['exact_match']:.1%} ({by_digits}); "
+              f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
+    else:  # vector tasks: no text answers
+        print(f"\nheld-out after {result.step} steps ({result.objective}): "
+              f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
     print(f"run dir:  {result.run_dir}")
     print(f"metrics:  {result.metrics_path}")
     print(f"wandb:    {result.wandb_dir or 'disabled'}"
@@ -48,17 +53,19 @@ def main(cfg: DictConfig) -> float:
     from jaxformer.parallel import is_main_process
     from jaxformer.training.loop import train
 
+    hydra_cfg = HydraConfig.get()
     try:
         config = to_train_config(cfg)
-        hydra_cfg = HydraConfig.get()
         job_name = (hydra_cfg.job.override_dirname or config.name)[:128]
         result = train(config, hydra_cfg.runtime.output_dir, job_name=job_name)
     except (ConfigError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, FloatingPointError) and hydra_cfg.mode == RunMode.MULTIRUN:
+            return float("nan")  # a diverged job is a result of a sweep, not its end
         sys.exit(2)
     if is_main_process():
         report(result)
-    return result.eval_metrics["exact_match"]
+    return result.eval_metrics.get("exact_match", result.eval_metrics["accuracy"])
 
 
 if __name__ == "__main__":

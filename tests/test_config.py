@@ -109,7 +109,7 @@ def test_cli_unwritable_run_dir_is_one_clear_line(tmp_path: Path):
     "override, message",
     [
         ("model.n_layerz=3", "error: Could not override 'model.n_layerz': Key 'n_layerz' not in 'ModelConfig'"),
-        ("model=transformerXL", "error: In 'train': Could not find 'model/transformerXL' (options: decoder, encoder, encoder_decoder)"),
+        ("model=transformerXL", "error: In 'train': Could not find 'model/transformerXL' (options: decoder, encoder, encoder_decoder, mlp)"),
         ("experiment=nope", "error: In 'train': Could not find 'experiment/nope' (options: "
                             + ", ".join(EXPERIMENTS) + ")"),
         ("trainer.steps=0", "error: trainer.steps=0 must be a positive number"),

@@ -39,7 +39,9 @@ WIDTHS = {  # the documented width of each array of each objective
 
 
 def objectives_of(task) -> list[str]:
-    return [o for o in OBJECTIVES if o != "classification" or task.is_classification]
+    """The token objectives `task` can serve (vector_classification is for vector tasks)."""
+    return [o for o in OBJECTIVES
+            if o != "vector_classification" and (o != "classification" or task.is_classification)]
 
 
 def decode(task, ids) -> str:
@@ -270,3 +272,38 @@ def test_eval_prompts_stop_at_equals_sign():
         for problem, prompt, length in zip(data.problems, data.prompts, data.prompt_lens):
             assert prompt[0] == BOS_ID and decode(task, prompt[:length]) == task.prompt(problem)
             assert (prompt[length:] == PAD_ID).all()
+
+
+# -- vector tasks ---------------------------------------------------------------------------------
+def test_teacher_task_is_balanced_fixed_by_split_seed_and_batched():
+    task = build_task(TaskConfig(name="teacher", eval_size=400))
+    heldout = task.eval_problems()
+    assert heldout["features"].shape == (400, 16) and heldout["features"].dtype == np.float32
+    assert heldout["label"].dtype == np.int32
+    shares = np.bincount(heldout["label"], minlength=4) / 400
+    assert shares.min() > 0.15 and shares.max() < 0.35  # balanced 4 classes, within sampling noise
+    again = build_task(TaskConfig(name="teacher", eval_size=400)).eval_problems()
+    other = build_task(TaskConfig(name="teacher", eval_size=400, split_seed=7)).eval_problems()
+    np.testing.assert_array_equal(heldout["features"], again["features"])
+    assert not np.array_equal(heldout["label"], other["label"])
+    batch = next(train_iterator(task, "vector_classification", batch_size=8, seed=0))
+    assert batch["features"].shape == (8, 16) and batch["label"].shape == (8,)
+    assert not np.isin(batch["features"], heldout["features"]).any()
+    np.testing.assert_array_equal(eval_set(task, "vector_classification").examples["label"],
+                                  heldout["label"])
+
+
+def test_teacher_fixed_training_set_resumes_and_token_objectives_refuse_it():
+    task = build_task(TaskConfig(name="teacher", train_size=40, eval_size=50))
+    it = train_iterator(task, "vector_classification", 16, seed=1)
+    next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(5)]  # crosses epochs of the 40 fixed points
+    resumed = train_iterator(task, "vector_classification", 16, seed=1)
+    resumed.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed)["features"], want["features"])
+    with pytest.raises(ValueError, match="cannot read task 'teacher'"):
+        train_iterator(task, "clm", 4, seed=0)
+    with pytest.raises(ValueError, match="cannot read task 'addition'"):
+        train_iterator(small_task("addition"), "vector_classification", 4, seed=0)

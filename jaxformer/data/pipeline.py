@@ -10,6 +10,8 @@ One task, four batch formats (numpy; token ids int32, masks float32; B batch, L/
   mlm             inputs (B, seq_len) the clm text corrupted, targets (B, seq_len) the clean ids,
                   loss_mask (B, seq_len) 1 at selected positions, valid (B, seq_len) 1 on non-pad.
   classification  tokens (B, cls_len) `<bos> prompt <eos> <pad>...`, valid (B, cls_len), label (B,).
+A vector task (data/vectors.py) has one format:
+  vector_classification  features (B, input_dim) float32, label (B,) int32.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import grain
 import numpy as np
 
 from jaxformer.data.tasks import Problem, Task
+from jaxformer.data.vectors import TeacherTask
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, NUM_SPECIAL, PAD_ID
 
-OBJECTIVES = ("clm", "seq2seq", "mlm", "classification")
+OBJECTIVES = ("clm", "seq2seq", "mlm", "classification", "vector_classification")
 # masked-LM corruption of the selected tokens (BERT): 80% <mask>, 10% a random symbol, 10% kept
 MASK_TOKEN_SHARE, RANDOM_TOKEN_SHARE = 0.8, 0.1
 # third entry of the mlm masking seeds, so they never coincide with the problem-sampling seeds
@@ -83,10 +86,14 @@ def _encode_classification(task: Task, problems: list[Problem]) -> dict[str, np.
     return {"tokens": tokens, "valid": valid, "label": labels}
 
 
+def _encode_vectors(task: TeacherTask, examples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return examples  # a vector task draws its examples as arrays already
+
+
 # deterministic per problem, so a fixed training set is encoded once; mlm masking comes after
 _ENCODERS: dict[str, Callable[[Task, list[Problem]], dict[str, np.ndarray]]] = {
     "clm": _encode_clm, "seq2seq": _encode_seq2seq, "mlm": _encode_mlm_text,
-    "classification": _encode_classification,
+    "classification": _encode_classification, "vector_classification": _encode_vectors,
 }
 
 
@@ -122,6 +129,9 @@ def check_objective(task: Task, objective: str) -> None:
             f"objective 'classification' needs a classification task such as is_sorted, "
             f"not {task.cfg.name!r}"
         )
+    if (objective == "vector_classification") != (task.tokenizer is None):
+        raise ValueError(f"objective {objective!r} cannot read task {task.cfg.name!r}: vector tasks "
+                         "go with vector_classification, token tasks with the other objectives")
 
 
 def encode_problems(task: Task, objective: str, problems: list[Problem],
@@ -200,4 +210,6 @@ def eval_set(task: Task, objective: str) -> EvalSet:
         return EvalSet(problems, examples, prompts=prompts.astype(np.int32), prompt_lens=prompt_lens)
     if objective == "seq2seq":
         return EvalSet(problems, examples, src=examples["src"], src_valid=examples["src_valid"])
+    if objective == "vector_classification":
+        return EvalSet([], examples)  # no problem texts to complete
     return EvalSet(problems, examples)

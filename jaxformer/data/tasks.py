@@ -6,6 +6,7 @@ Tasks (`build_task` maps task.name):
   reverse    "3141="    -> "1413"   the sequence reversed
   sort       "3141="    -> "1134"   the sequence sorted (symbol order 0-9a-z)
   is_sorted  "3141="    -> "0"      1 if non-decreasing else 0; also a 2-class classification task
+  (teacher: real-valued feature vectors, in data/vectors.py)
 
 Internally a batch of problems is an int64 array of "codes", one row per problem (addition: a, b;
 sequences: symbol indices padded with -1). A hash of the row decides the held-out split, so the
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer
 
 from jaxformer.config import TaskConfig
 from jaxformer.data.tokenizers import char_tokenizer
+from jaxformer.data.vectors import VECTOR_TASKS, TeacherTask
 
 SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyz"  # sequence tasks use the first task.n_symbols
 MIN_HELDOUT_SHARE = 0.02  # at least 2% of the problems are reserved for evaluation...
@@ -449,5 +451,6 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def build_task(cfg: TaskConfig) -> Task:
-    return TASKS[cfg.name](cfg)
+def build_task(cfg: TaskConfig) -> Task | TeacherTask:
+    """A token task (this module) or a feature-vector task (data/vectors.py)."""
+    return {**TASKS, **VECTOR_TASKS}[cfg.name](cfg)

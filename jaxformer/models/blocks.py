@@ -2,7 +2,8 @@
 
 A `LayerStack` stores its blocks' parameters stacked on a leading layer axis (one layout for every
 depth and mode, so checkpoints and weight conversion never depend on how the stack runs) and runs
-them either with `lax.scan` (compile time flat in depth) or unrolled (per-layer diagnostics).
+them either with `lax.scan` (compile time flat in depth) or unrolled; both record per-layer
+diagnostics (models/probes.py). The plain MLP stacks its dense layers the same way.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import MultiHeadAttention
 from jaxformer.models.layers import MLP, make_norm
+from jaxformer.models.probes import LayerRecord, output_stats, pop_records
 
 
 class Sublayer(nnx.Module):
@@ -63,52 +66,69 @@ class Block(nnx.Module):
 
 
 class LayerStack(nnx.Module):
-    """`n_layers` Blocks with parameters stacked on axis 0, run by `lax.scan` or unrolled."""
+    """`n_layers` layers (Blocks unless `layer` says otherwise) with parameters stacked on axis 0,
+    run by `lax.scan` or unrolled. Arguments after the input reach every layer unchanged (a Block
+    takes mask, positions, memory, memory mask).
 
-    def __init__(self, cfg: ModelConfig, n_layers: int, *, cross_attention: bool = False,
-                 rngs: nnx.Rngs):
+    In diagnose mode (models/probes.py) a zero `probe` (n_layers, *x.shape) is added to the layer
+    outputs and `layer_record` holds per-layer statistics as (n_layers,) arrays.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_layers: int, *, layer: Callable[..., nnx.Module] = Block,
+                 rngs: nnx.Rngs, **layer_kwargs):
         @nnx.split_rngs(splits=n_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, cross_attention=cross_attention, rngs=rngs)
+        def make_blocks(rngs: nnx.Rngs) -> nnx.Module:
+            return layer(cfg, rngs=rngs, **layer_kwargs)
 
         self.blocks = make_blocks(rngs)
         self.n_layers = n_layers
         self.scan = cfg.scan_layers
+        self.diagnose = False
+        self.probe = nnx.data(None)  # set by diagnostics (zeros if unset when diagnosing)
 
     def __call__(
-        self, x_btd: jax.Array, mask: jax.Array | None, positions_bt: jax.Array,
-        memory_bsd: jax.Array | None = None, memory_mask: jax.Array | None = None, *,
-        deterministic: bool = True, rngs: nnx.Rngs | None = None,
+        self, x_btd: jax.Array, *layer_args: jax.Array | None, deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         graphdef, params = nnx.split(self.blocks)
         if deterministic:
             keys_l = [None] * self.n_layers
         else:  # one dropout key per layer
             keys_l = jax.random.split(rngs.dropout(), self.n_layers)
+        if self.diagnose and self.probe is None:
+            self.probe = jnp.zeros((self.n_layers, *x_btd.shape), x_btd.dtype)
+        probes_l = self.probe if self.diagnose else [None] * self.n_layers
 
-        def run_block(x_btd, layer_params, key):
+        def run_block(x_btd, layer_params, key, probe):
             block = nnx.merge(graphdef, layer_params)
             layer_rngs = None if key is None else nnx.Rngs(dropout=key)
-            x_btd = block(x_btd, mask, positions_bt, memory_bsd, memory_mask,
-                          deterministic=deterministic, rngs=layer_rngs)
-            return x_btd, block
+            x_btd = block(x_btd, *layer_args, deterministic=deterministic, rngs=layer_rngs)
+            if probe is None:
+                return x_btd, block, {}
+            x_btd = x_btd + probe
+            return x_btd, block, {**output_stats(x_btd), **pop_records(block)}
 
         if self.scan and not self._captures_weights():
             def body(x_btd, layer):
-                layer_params, key = layer
-                return run_block(x_btd, layer_params, key)[0], None
+                x_btd, _, record = run_block(x_btd, *layer)
+                return x_btd, record
 
             keys = None if deterministic else keys_l
-            x_btd, _ = jax.lax.scan(body, x_btd, (params, keys))
-            return x_btd
-        captured = []
-        for i in range(self.n_layers):
-            layer_params = jax.tree.map(lambda leaf: leaf[i], params)
-            x_btd, block = run_block(x_btd, layer_params, keys_l[i])
-            captured.append(nnx.pop(block, nnx.Intermediate))
-        if any(jax.tree.leaves(state) for state in captured):
-            self.sow(nnx.Intermediate, "layers", tuple(captured))
+            probes = self.probe if self.diagnose else None
+            x_btd, records = jax.lax.scan(body, x_btd, (params, keys, probes))
+        else:
+            captured, records_l = [], []
+            for i in range(self.n_layers):
+                layer_params = jax.tree.map(lambda leaf: leaf[i], params)
+                x_btd, block, record = run_block(x_btd, layer_params, keys_l[i], probes_l[i])
+                captured.append(nnx.pop(block, nnx.Intermediate))
+                records_l.append(record)
+            if any(jax.tree.leaves(state) for state in captured):
+                self.sow(nnx.Intermediate, "layers", tuple(captured))
+            records = jax.tree.map(lambda *leaves: jnp.stack(leaves), *records_l)
+        if self.diagnose:
+            self.layer_record = LayerRecord(records)
         return x_btd
 
     def _captures_weights(self) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
+from jaxformer.models.probes import record_activation
 from jaxformer.parallel import constrain
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -79,10 +80,14 @@ class MLP(nnx.Module):
         self.up = dense(cfg, cfg.d_model, cfg.d_ff, rngs=rngs, names=("embed", "mlp"))
         self.down = dense(cfg, cfg.d_ff, cfg.d_model, rngs=rngs, names=("mlp", "embed"))
         self.activation = ACTIVATION_FNS[cfg.activation]
+        self.activation_name = cfg.activation
+        self.diagnose = False  # see models/probes.py
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        h_btf = constrain(self.up(x_btd), ("act_batch", "act_length", "act_mlp"))
-        return self.down(self.activation(h_btf))
+        pre_btf = constrain(self.up(x_btd), ("act_batch", "act_length", "act_mlp"))
+        hidden_btf = self.activation(pre_btf)
+        record_activation(self, pre_btf, hidden_btf)
+        return self.down(hidden_btf)
 
 
 def make_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module | None:

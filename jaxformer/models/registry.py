@@ -10,14 +10,22 @@ from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.models.decoder import Decoder
 from jaxformer.models.encoder import Encoder
 from jaxformer.models.encoder_decoder import EncoderDecoder
+from jaxformer.models.mlp import MLPClassifier
 
-MODELS = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}
+MODELS = {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder,
+          "mlp": MLPClassifier}
 
 
-def resolve_model_config(cfg: ModelConfig, vocab_size: int, num_classes: int = 0) -> ModelConfig:
-    """Fill `vocab_size` from the tokenizer and `num_classes` from a classification task,
-    refusing a config that disagrees with them."""
-    if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
+def resolve_model_config(cfg: ModelConfig, vocab_size: int | None, num_classes: int = 0,
+                         input_dim: int | None = None) -> ModelConfig:
+    """Fill `vocab_size` from the tokenizer (None for vector tasks), `num_classes` from a
+    classification task and `input_dim` from a vector task, refusing a config that disagrees."""
+    if cfg.input_dim is not None and input_dim is not None and cfg.input_dim != input_dim:
+        raise ConfigError(
+            f"model.input_dim={cfg.input_dim} but the task gives {input_dim} features: "
+            "set model.input_dim=null to take it from the task"
+        )
+    if cfg.vocab_size is not None and vocab_size is not None and cfg.vocab_size < vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {vocab_size} tokens: "
             "set model.vocab_size=null to take it from the tokenizer"
@@ -28,7 +36,8 @@ def resolve_model_config(cfg: ModelConfig, vocab_size: int, num_classes: int = 0
             "set model.num_classes=0 to take it from the task"
         )
     return dataclasses.replace(
-        cfg, vocab_size=cfg.vocab_size or vocab_size, num_classes=num_classes or cfg.num_classes
+        cfg, vocab_size=cfg.vocab_size or vocab_size, num_classes=num_classes or cfg.num_classes,
+        input_dim=cfg.input_dim or input_dim,
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -17,6 +18,8 @@ from jaxformer.config import ConfigError, ModelConfig, TrainConfig, to_dict
 from jaxformer.data.pipeline import eval_set, train_iterator
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import save_tokenizer
+from jaxformer.data.vectors import TeacherTask
+from jaxformer.diagnostics import diagnostics_metrics, make_diagnostics
 from jaxformer.evaluation import eval_loss, exact_match, greedy_completions
 from jaxformer.models import resolve_model_config
 from jaxformer.objectives import objective_for
@@ -57,7 +60,7 @@ def check_writable(run_dir: Path) -> None:
 
 @dataclass
 class Prepared:
-    task: Task
+    task: Task | TeacherTask
     objective: str
     model_cfg: ModelConfig
     mesh: Mesh
@@ -89,9 +92,11 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     mesh = make_mesh(cfg.mesh)
     task = build_task(cfg.task)
     objective = objective_for(cfg.model.kind, task.num_classes > 0)
+    vector_task = task.tokenizer is None
     model_cfg = resolve_model_config(
-        cfg.model, task.tokenizer.get_vocab_size(),
-        task.num_classes if objective == "classification" else 0,
+        cfg.model, None if vector_task else task.tokenizer.get_vocab_size(),
+        task.num_classes if objective in ("classification", "vector_classification") else 0,
+        task.input_dim if vector_task else None,
     )
     needed = task.max_positions(objective)
     if needed > model_cfg.max_len:
@@ -119,6 +124,16 @@ def make_tracker(cfg: TrainConfig, run_dir: Path, resume_step: int, config: dict
     return MultiTracker(trackers), wandb_dir
 
 
+def use_compilation_cache(directory: str) -> None:
+    """Point JAX's persistent compilation cache at `directory`, caching every program (the
+    default skips those that compile in under a second: all of a small model's)."""
+    path = str(Path(directory).expanduser().absolute())
+    if jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.reset_cache()
+        compilation_cache.set_cache_dir(path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in to_host(metrics).items()}
 
@@ -142,9 +157,11 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
     if latest is not None:  # refuse another model's checkpoint before building anything
         check_compatible(checkpointer.read_meta(latest)["model"], to_dict(model_cfg),
                          checkpointer.directory)
-    if is_main_process():
+    if is_main_process() and task.tokenizer is not None:
         save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
 
+    if trainer.compilation_cache_dir:
+        use_compilation_cache(trainer.compilation_cache_dir)
     tx = make_optimizer(cfg.optim, trainer.steps)
     schedule = make_schedule(cfg.optim, trainer.steps)
     layout = state_layout(model_cfg, tx, cfg.seed, mesh)  # shapes + shardings, no arrays yet
@@ -172,33 +189,42 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
                                  grad_accum=trainer.grad_accum, shardings=shardings)
     eval_step = make_eval_step(graphdef, rest, objective)
     heldout = eval_set(task, objective)
+    every = trainer.diagnostics_every
+    diagnose = make_diagnostics(graphdef, rest, tx, objective) if every else None
 
     completions: list[str] = []
 
     def evaluate(step: int) -> dict[str, float]:
         nonlocal completions
-        model = nnx.merge(graphdef, state.params, rest)
-        completions = greedy_completions(model, heldout, task, objective, trainer.eval_batch_size)
-        metrics = {**eval_loss(eval_step, state.params, heldout, trainer.eval_batch_size),
-                   **exact_match(task, heldout, completions)}
+        metrics = eval_loss(eval_step, state.params, heldout, trainer.eval_batch_size)
+        if task.tokenizer is not None:  # answers as text, checked by the task
+            model = nnx.merge(graphdef, state.params, rest)
+            completions = greedy_completions(model, heldout, task, objective, trainer.eval_batch_size)
+            metrics.update(exact_match(task, heldout, completions))
         tracker.log(metrics, step, "eval")
         return metrics
 
     tokens_per_step = trainer.batch_size * task.max_positions(objective)
     pending: tuple[int, dict] | None = None  # step N's metrics, read after step N+1 is dispatched
+    pending_diagnostics: tuple[int, dict] | None = None  # read after the update is dispatched
     last_time, last_step = time.perf_counter(), start_step
     progress = tqdm(total=trainer.steps, initial=start_step,
                     disable=not (trainer.progress and is_main_process()),
                     desc="train", unit="step", dynamic_ncols=True)
 
     def flush() -> None:
-        nonlocal pending, last_time, last_step
+        nonlocal pending, pending_diagnostics, last_time, last_step
+        if pending_diagnostics is not None:
+            tracker.log(diagnostics_metrics(pending_diagnostics[1]), pending_diagnostics[0],
+                        "diagnostics")
+            pending_diagnostics = None
         if pending is None:
             return
         step, device_metrics = pending
         pending = None
         metrics = _floats(device_metrics)
         if not math.isfinite(metrics["loss"]):
+            tracker.log(metrics, step, "train")  # the divergence is part of the run's record
             raise FloatingPointError(
                 f"train loss is {metrics['loss']} at step {step}: lower optim.lr or raise "
                 f"optim.warmup_steps (last good checkpoint: {checkpointer.latest_step()})"
@@ -213,6 +239,9 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
     try:
         for step in range(start_step + 1, trainer.steps + 1):
             batch = global_batch(next(data_iter), mesh, trainer.batch_size)
+            taken = step - 1  # updates so far; a resumed run leaves its restored step to the first run
+            if diagnose is not None and taken % every == 0 and not taken == start_step > 0:
+                pending_diagnostics = (taken, diagnose(state, batch))  # before donating state
             state, metrics = train_step(state, batch)
             flush()
             if step % trainer.log_every == 0 or step == trainer.steps:
@@ -221,9 +250,11 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
             if step % trainer.eval_every == 0 or step == trainer.steps:
                 flush()
                 eval_metrics = evaluate(step)
+                score = ("exact match", eval_metrics["exact_match"]) if "exact_match" in eval_metrics \
+                    else ("accuracy", eval_metrics["accuracy"])
                 if is_main_process():
                     progress.write(f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
-                                   f"exact match {eval_metrics['exact_match']:.3f}")
+                                   f"{score[0]} {score[1]:.3f}")
             if checkpointer.should_save(step) or step == trainer.steps:
                 checkpointer.save(step, state, data_iter.get_state(), meta, force=True)
         flush()

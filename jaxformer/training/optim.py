@@ -21,14 +21,23 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay) or SGD with optional (Nesterov) momentum, whose weight decay
+    is added to the gradient (L2); both on the same schedule, after global-norm clipping."""
     schedule = make_schedule(cfg, total_steps)
-    adamw = optax.adamw(
-        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-        mask=decay_mask,
-    )
+    if cfg.name == "sgd":
+        momentum = cfg.momentum or None  # optax: None skips the momentum trace
+        optimizer = optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=momentum, nesterov=cfg.nesterov),
+        )
+    else:
+        optimizer = optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
     if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optimizer)
+    return optimizer
 
 
 NO_DECAY = ("bias", "scale")

@@ -23,6 +23,17 @@ from jaxformer.training.state import TrainState
 Batch = dict[str, jax.Array]
 
 
+def dropout_key(state: TrainState) -> jax.Array:
+    """The dropout key of the step `state` is about to take."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+def training_loss(model: nnx.Module, batch: Batch, objective: str, key: jax.Array):
+    """(loss, metrics) as the train step differentiates them: dropout on, drawn from `key`."""
+    rngs = nnx.Rngs(dropout=key)  # made inside the grad trace that draws from it
+    return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
+
+
 @dataclass(frozen=True)
 class StepShardings:
     """Where the step's inputs and outputs live (see jaxformer.parallel)."""
@@ -44,20 +55,20 @@ def micro_batches(batch: Batch, grad_accum: int) -> Batch:
 
 
 def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: Batch, grad_accum: int,
-                         dropout_key: jax.Array) -> tuple[nnx.State, dict]:
+                         key: jax.Array) -> tuple[nnx.State, dict]:
     """Gradients and metrics of the whole batch from `grad_accum` sequential micro-batches.
 
     Each micro-batch's mean loss is weighted by its token (or example) count, so the result equals
     one pass over the full batch: same loss, same gradient, 1/grad_accum of the activations."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
-        (_, metrics), grads = grad_fn(params, batch, dropout_key)
+        (_, metrics), grads = grad_fn(params, batch, key)
         return grads, metrics
 
     def body(carry, micro):
         grad_sum, loss_sum, correct_sum, count_sum = carry
         index, micro_batch = micro
-        (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(dropout_key, index))
+        (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(key, index))
         count = metrics["count"]
         grad_sum = jax.tree.map(lambda total, g: total + g * count, grad_sum, grads)
         return (grad_sum, loss_sum + metrics["loss"] * count,
@@ -77,15 +88,12 @@ def make_train_step(
     schedule: optax.Schedule, objective: str, *, grad_accum: int = 1,
     shardings: StepShardings | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    def loss_fn(params: nnx.State, batch: Batch, dropout_key: jax.Array):
-        model = nnx.merge(graphdef, params, rest)
-        rngs = nnx.Rngs(dropout=dropout_key)  # made inside the grad trace that draws from it
-        return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
+    def loss_fn(params: nnx.State, batch: Batch, key: jax.Array):
+        return training_loss(nnx.merge(graphdef, params, rest), batch, objective, key)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         grads, metrics = accumulate_gradients(loss_fn, state.params, batch, grad_accum,
-                                              dropout_key)
+                                              dropout_key(state))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
