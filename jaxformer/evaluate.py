@@ -37,6 +37,7 @@ from omegaconf import MISSING, DictConfig
 from jaxformer.cli import preflight, typed_config
 from jaxformer.config import ConfigError, LoggerConfig, SamplingConfig, register_configs, to_dict
 from jaxformer.restore import checkpoints_dir
+from jaxformer.test_time import TestTimeRun
 
 for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -96,8 +97,6 @@ class Evaluation(NamedTuple):
 
 def evaluate_run(config: EvaluateConfig) -> Evaluation:
     """Sample (or resume sampling) the held-out problems, then score every selection strategy."""
-    from jaxformer.test_time import TestTimeRun  # after config checks: importing jax is slow
-
     run = TestTimeRun.restore(config)
     key = settings_key(run.step, config.sampling, config.sampling.max_new_tokens)
     directory = config.output_dir / "test_time" / key

@@ -46,6 +46,13 @@ def completion_texts(tokenizer, done: Completions) -> list[list[str]]:
             for rows, row_lengths in zip(tokens, lengths)]
 
 
+def ended_at_eos(done: Completions) -> np.ndarray:
+    """(B, N) whether each completion stopped at <eos> (else it ran out of new tokens)."""
+    tokens, lengths = np.asarray(done.tokens), np.asarray(done.lengths)
+    last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
+    return (lengths > 0) & (last == EOS_ID)
+
+
 def eval_loss(eval_step: Callable, params: nnx.State, data: EvalSet, batch_size: int) -> dict:
     """Teacher-forced loss and accuracy, pooled exactly over tokens (or examples)."""
     totals = defaultdict(float)

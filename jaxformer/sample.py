@@ -24,8 +24,9 @@ from omegaconf import MISSING, DictConfig
 
 from jaxformer.cli import preflight, quote_free_text, typed_config
 from jaxformer.config import ConfigError, SamplingConfig, register_configs
-from jaxformer.data.tokenizers import EOS_ID
+from jaxformer.evaluation import completion_texts, ended_at_eos
 from jaxformer.restore import checkpoints_dir, encode_text, require_generative, restore_params
+from jaxformer.sampling import bos_prompts, generate
 
 for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -67,9 +68,6 @@ class Sampled(NamedTuple):
 
 def sample_run(config: SampleConfig, beams: bool = False) -> Sampled:
     """Restore the run and complete the prompt (with beam search when `beams`)."""
-    from jaxformer.evaluation import completion_texts  # after config checks: importing jax is slow
-    from jaxformer.sampling import bos_prompts, generate
-
     run = restore_params(config.checkpoint, config.step)
     require_generative(run.model_cfg, config.checkpoint, "sample")
     cfg = config.sampling
@@ -95,10 +93,9 @@ def sample_run(config: SampleConfig, beams: bool = False) -> Sampled:
         key=jax.random.key(cfg.seed))
     done = generate(run.model, np.asarray([prompt_ids]), np.asarray([len(prompt_ids)]),
                     source=source, max_new_tokens=max_new_tokens, **decoding)
-    tokens, lengths = np.asarray(done.tokens[0]), np.asarray(done.lengths[0])
-    ended = [bool(n) and int(row[n - 1]) == EOS_ID for row, n in zip(tokens, lengths)]
     return Sampled(run.model_cfg.kind, run.step, completion_texts(run.tokenizer, done)[0],
-                   np.asarray(done.logprobs[0]).tolist(), lengths.tolist(), ended)
+                   np.asarray(done.logprobs[0]).tolist(), np.asarray(done.lengths[0]).tolist(),
+                   ended_at_eos(done)[0].tolist())
 
 
 def report(config: SampleConfig, sampled: Sampled, title: str) -> None:

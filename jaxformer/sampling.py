@@ -280,6 +280,9 @@ def _layout(model, prompts_bp, prompt_lens_b, max_new_tokens: int, max_total_len
     width = prompts_bp.shape[1] + max_new_tokens
     stop_pos_b = prompt_lens_b + max_new_tokens
     if max_total_len is not None:
+        if max_total_len <= prompts_bp.shape[1]:
+            raise ValueError(f"max_total_len={max_total_len} leaves no room after prompts of "
+                             f"{prompts_bp.shape[1]} tokens: raise it or pass shorter prompts")
         width, stop_pos_b = min(width, max_total_len), np.minimum(stop_pos_b, max_total_len)
     if width > model.max_len:
         raise ValueError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -19,15 +20,16 @@ from tqdm import tqdm
 from jaxformer.config import ConfigError, TrainConfig, to_dict
 from jaxformer.data.pipeline import EvalSet, eval_set
 from jaxformer.data.tasks import Task, build_task
-from jaxformer.data.tokenizers import EOS_ID
-from jaxformer.evaluate import EvaluateConfig
-from jaxformer.evaluation import completion_texts
+from jaxformer.evaluation import completion_texts, ended_at_eos
 from jaxformer.objectives import objective_for
 from jaxformer.restore import read_run_config, require_generative, restore_params
 from jaxformer.run_info import run_metadata
-from jaxformer.sampling import Completions, bos_prompts, generate
+from jaxformer.sampling import bos_prompts, generate
 from jaxformer.selection import selection_metrics
 from jaxformer.tracking import WandbTracker
+
+if TYPE_CHECKING:  # the config lives with its command, which imports this module
+    from jaxformer.evaluate import EvaluateConfig
 
 
 @dataclass
@@ -70,22 +72,25 @@ class TestTimeRun:
                    config.num_problems or available, max_new_tokens)
 
     # -- sampling ----------------------------------------------------------------------------------
-    def _decode(self, rows: np.ndarray, **decoding) -> tuple[Completions, list[list[str]]]:
-        """Completions of the held-out problems `rows` and their texts."""
+    def _decode(self, rows: np.ndarray, **decoding) -> list[list[dict]]:
+        """Every completion of the held-out problems `rows` (rows x N) as a JSONL answer record,
+        but for its correctness."""
         if self.objective == "clm":
             prompts, lens, source = self.data.prompts[rows], self.data.prompt_lens[rows], ()
         else:
             (prompts, lens), source = bos_prompts(len(rows)), (self.data.src[rows],
                                                                self.data.src_valid[rows])
-        done = generate(self.model, prompts, lens, source=source,
-                        max_new_tokens=self.max_new_tokens, **decoding)
-        return jax.device_get(done), completion_texts(self.tokenizer, done)
+        done = jax.device_get(generate(self.model, prompts, lens, source=source,
+                                       max_new_tokens=self.max_new_tokens, **decoding))
+        return [[{"answer": text, "logprob": float(logprob), "tokens": int(length), "eos": bool(eos)}
+                 for text, logprob, length, eos in zip(*row)]
+                for row in zip(completion_texts(self.tokenizer, done), done.logprobs, done.lengths,
+                               ended_at_eos(done))]
 
-    def _answers(self, problem, done: Completions, texts: list[list[str]], b: int) -> list[dict]:
-        return [{"answer": text, "correct": bool(self.task.check(problem, text)),
-                 "logprob": float(done.logprobs[b, j]), "tokens": int(done.lengths[b, j]),
-                 "eos": bool(done.lengths[b, j]) and int(done.tokens[b, j, done.lengths[b, j] - 1])
-                 == EOS_ID} for j, text in enumerate(texts[b])]
+    def _checked(self, problem, answers: list[dict]) -> list[dict]:
+        return [{"answer": answer["answer"],
+                 "correct": bool(self.task.check(problem, answer["answer"])), **answer}
+                for answer in answers]
 
     def sample_problems(self, path: Path) -> list[dict]:
         """One record per problem (greedy, samples, beam), appended to `path` as they are done;
@@ -112,10 +117,10 @@ class TestTimeRun:
                     record = {"problem": int(i), "prompt": self.task.prompt(problem),
                               "expected": self.task.answer(problem),
                               "difficulty": self.task.difficulty(problem),
-                              "greedy": self._answers(problem, *greedy, b)[0]}
+                              "greedy": self._checked(problem, greedy[b])[0]}
                     if beams is not None:
-                        record["beam"] = self._answers(problem, *beams, b)[0]
-                    record["samples"] = self._answers(problem, *samples, b)
+                        record["beam"] = self._checked(problem, beams[b])[0]
+                    record["samples"] = self._checked(problem, samples[b])
                     out.write(json.dumps(record) + "\n")
                     records.append(record)
                 out.flush()

@@ -111,17 +111,22 @@ def compile_bench(args: argparse.Namespace) -> dict:
     }
 
 
+def add_shape_options(parser: argparse.ArgumentParser, context: int, vocab: int) -> None:
+    """The model and batch shape options every subcommand shares."""
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--context", type=int, default=context, help="tokens per sequence (max_len)")
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--batch", type=int, default=8, help="sequences (prompts)")
+
+
 def add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 32],
                         help="n_layers to time with scan_layers=true")
     parser.add_argument("--unrolled-depths", type=int, nargs="+", default=[2, 32],
                         help="n_layers to time with scan_layers=false")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--context", type=int, default=128, help="tokens per sequence (max_len)")
-    parser.add_argument("--vocab", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
+    add_shape_options(parser, context=128, vocab=64)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=1, help="median of this many compiles")
 
@@ -214,13 +219,8 @@ def sample_bench(args: argparse.Namespace) -> dict:
 
 
 def add_sample_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--d-model", type=int, default=256)
+    add_shape_options(parser, context=256, vocab=8192)
     parser.add_argument("--n-layers", type=int, default=4)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--context", type=int, default=256, help="model.max_len")
-    parser.add_argument("--batch", type=int, default=8, help="prompts")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=112)
     parser.add_argument("--temperature", type=float, default=0.8)
