@@ -98,7 +98,7 @@ class TestTimeRun:
         records = self._resume(path)
         sampling = self.config.sampling
         seed_key = jax.random.key(sampling.seed)
-        batch = sampling.batch_size
+        batch = min(sampling.batch_size, self.num_problems)
         with path.open("a") as out, tqdm(total=self.num_problems, initial=len(records),
                                          desc="evaluate", unit="problem", dynamic_ncols=True) as bar:
             for start in range(len(records), self.num_problems, batch):
