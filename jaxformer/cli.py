@@ -8,6 +8,7 @@ first value) and turns any problem into one `error: ...` line and exit code 2.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -15,7 +16,9 @@ from typing import Callable
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+
+from jaxformer.config import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -95,3 +98,33 @@ def per_process_overrides(argv: list[str]) -> list[str]:
     if process_id_hint(argv) == 0:
         return argv
     return [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Single-quote the values of `keys` (free text such as `prompt=`) for Hydra's override
+    grammar, which would reject `12+34=` and turn `007` into 7 or `true` into a bool. Already
+    quoted values are left alone."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if key in keys and sep and not quoted:
+            # Hydra escapes: a backslash run before a quote (or the closing quote) is doubled
+            value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+            value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+def typed_config(cfg: DictConfig, usage: str):
+    """The dataclass a composed config stands for, built (and so validated); a missing required
+    key names the command's usage, other problems their first line."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} is required: {usage}") from None
+    except Exception as err:  # OmegaConf type errors
+        raise ConfigError(str(err).splitlines()[0]) from None

@@ -276,6 +276,43 @@ class LoggerConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """Decoding controls of `jaxformer.sample` and `jaxformer.evaluate` (see jaxformer/sampling.py)."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # keep the k most likely tokens; 0: off
+    top_p: float = 1.0  # keep the smallest set reaching this probability; 1: off
+    num_samples: int = 8  # completions per prompt
+    max_new_tokens: Optional[int] = None  # None: sample fills the context; evaluate: the answer + <eos>
+    beam_size: int = 0  # > 0: also beam search with this many beams (sample prints the beams)
+    length_penalty: float = 0.0  # beam score = logprob / length ** length_penalty; 0: plain logprob
+    seed: int = 0  # sample j of problem i draws from fold_in(fold_in(key(seed), i), j)
+    batch_size: int = 64  # prompts per decoding call
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling.top_k={self.top_k} must be >= 0 (0 turns it off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1] (1 turns it off)")
+        if self.num_samples < 1:
+            raise ConfigError(f"sampling.num_samples={self.num_samples} must be >= 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1 "
+                              "(or null for the default)")
+        if self.beam_size < 0:
+            raise ConfigError(f"sampling.beam_size={self.beam_size} must be >= 0 (0: no beam search)")
+        _check_positive("sampling", self, "batch_size")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """What needs the model: top_k must not exceed its vocabulary."""
+        if self.top_k > vocab_size:
+            raise ConfigError(f"sampling.top_k={self.top_k} exceeds the model's vocabulary of "
+                              f"{vocab_size} tokens: use top_k <= {vocab_size} (or 0 to turn it off)")
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -307,6 +344,7 @@ def register_configs() -> None:
     for group, node in (
         ("model", ModelConfig), ("task", TaskConfig), ("optim", OptimConfig),
         ("trainer", TrainerConfig), ("logger", LoggerConfig), ("mesh", MeshConfig),
+        ("sampling", SamplingConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jaxformer.data.pipeline import EvalSet
 from jaxformer.data.tokenizers import EOS_ID, MASK_ID
 from jaxformer.parallel import to_host
-from jaxformer.sampling import generate, generate_seq2seq
+from jaxformer.sampling import Completions, generate, generate_seq2seq
 
 
 def _padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
@@ -38,6 +38,20 @@ def _padded_batches(arrays: dict[str, np.ndarray], batch_size: int):
 def until_eos(ids: list[int]) -> list[int]:
     """Token ids up to (not including) the first <eos>."""
     return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+def completion_texts(tokenizer, done: Completions) -> list[list[str]]:
+    """The text of every completion (B prompts x N): its tokens up to <eos>, decoded."""
+    tokens, lengths = to_host((done.tokens, done.lengths))
+    return [[tokenizer.decode(until_eos(row[:n].tolist())) for row, n in zip(rows, row_lengths)]
+            for rows, row_lengths in zip(tokens, lengths)]
+
+
+def ended_at_eos(done: Completions) -> np.ndarray:
+    """(B, N) whether each completion stopped at <eos> (else it ran out of new tokens)."""
+    tokens, lengths = to_host((done.tokens, done.lengths))
+    last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
+    return (lengths > 0) & (last == EOS_ID)
 
 
 def eval_loss(eval_step: Callable, params: nnx.State, data: EvalSet, batch_size: int) -> dict:
@@ -77,12 +91,13 @@ def greedy_completions(model: nnx.Module, data: EvalSet, task, objective: str,
     """The model's greedy answer text for every problem of `data`."""
     graphdef, state = nnx.split(model)
     texts: list[str] = []
-    if objective == "clm":
+    if objective == "clm":  # each row fills the training sequence length, as teacher forcing sees
         arrays = {"prompts": data.prompts, "prompt_lens": data.prompt_lens}
         total_len = data.examples["tokens"].shape[1]
+        max_new_tokens = total_len - int(data.prompt_lens.min())
     elif objective == "seq2seq":
         arrays = {"src": data.src, "src_valid": data.src_valid}
-        total_len = data.examples["tgt"].shape[1]
+        max_new_tokens = data.examples["tgt"].shape[1] - 1  # after <bos>
     elif objective == "classification":
         arrays = {"tokens": data.examples["tokens"], "valid": data.examples["valid"]}
     else:  # mlm: mask the whole answer span of the uncorrupted sequence
@@ -93,14 +108,16 @@ def greedy_completions(model: nnx.Module, data: EvalSet, task, objective: str,
         arrays = {"inputs": np.where(in_answer, MASK_ID, tokens).astype(np.int32),
                   "valid": data.examples["valid"], "in_answer": in_answer}
     for batch, size in _padded_batches(arrays, batch_size):
-        if objective == "clm":
-            lens = np.where(np.arange(batch_size) < size, batch["prompt_lens"], data.prompt_lens.max())
-            rows = to_host(generate(model, batch["prompts"], lens, total_len=total_len))
-            texts += [task.tokenizer.decode(until_eos(row[n:].tolist()))
-                      for row, n in zip(rows[:size], lens[:size])]
-        elif objective == "seq2seq":
-            rows = to_host(generate_seq2seq(model, batch["src"], batch["src_valid"], total_len))
-            texts += [task.tokenizer.decode(until_eos(row[1:].tolist())) for row in rows[:size]]
+        if objective in ("clm", "seq2seq"):
+            if objective == "clm":
+                lens = np.where(np.arange(batch_size) < size, batch["prompt_lens"],
+                                data.prompt_lens.max())
+                done = generate(model, batch["prompts"], lens, max_new_tokens=max_new_tokens,
+                                max_total_len=total_len)
+            else:
+                done = generate_seq2seq(model, batch["src"], batch["src_valid"],
+                                        max_new_tokens=max_new_tokens)
+            texts += [first for first, *_ in completion_texts(task.tokenizer, done)[:size]]
         elif objective == "classification":
             labels = to_host(_class_predictions(graphdef, state, batch["tokens"], batch["valid"]))
             texts += [str(label) for label in labels[:size]]

@@ -10,29 +10,26 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import hydra
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from hydra.core.config_store import ConfigStore
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import MISSING, DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import MISSING, DictConfig
 from tokenizers import Tokenizer
 
-from jaxformer.cli import preflight
+from jaxformer.cli import preflight, quote_free_text, typed_config
 from jaxformer.config import ConfigError, ModelConfig
-from jaxformer.data.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, UNK_ID, load_tokenizer
-from jaxformer.models import build_model
-from jaxformer.training.state import split_model
+from jaxformer.data.tokenizers import BOS_ID
+from jaxformer.restore import checkpoints_dir, encode_text, restore_params
 
 for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -67,132 +64,10 @@ ConfigStore.instance().store(name="inspect_schema", node=InspectConfig)
 
 def to_inspect_config(cfg: DictConfig) -> InspectConfig:
     """Build (and so validate) the typed config from a composed DictConfig."""
-    try:
-        return OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"{err.full_key} is required: python -m jaxformer.inspect "
-                          "checkpoint=RUN_DIR text=TEXT") from None
-    except Exception as err:  # OmegaConf type errors
-        raise ConfigError(str(err).splitlines()[0]) from None
-
-
-def quote_free_text(argv: list[str]) -> list[str]:
-    """Single-quote `text=`/`target=` values for Hydra's override grammar, which would reject
-    `12+34=` and turn `007` into 7 or `true` into a bool. Already quoted values are left alone."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-        if key in FREE_TEXT_KEYS and sep and not quoted:
-            # Hydra escapes: a backslash run before a quote (or the closing quote) is doubled
-            value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-            value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
-            arg = f"{key}='{value}'"
-        out.append(arg)
-    return out
-
-
-# -- restoring a run ------------------------------------------------------------------------------
-def checkpoints_dir(run_dir: Path) -> Path:
-    directory = run_dir / "checkpoints"
-    if not run_dir.is_dir():
-        raise ConfigError(f"checkpoint={run_dir} does not exist: point it at a run dir written by "
-                          "jaxformer.train")
-    if not directory.is_dir():
-        raise ConfigError(f"checkpoint={run_dir} has no checkpoints/ folder: point it at a run dir "
-                          "written by jaxformer.train")
-    return directory
-
-
-class RestoredRun(NamedTuple):
-    model: nnx.Module
-    model_cfg: ModelConfig
-    tokenizer: Tokenizer
-    step: int
-
-
-def restore_params(run_dir: Path | str, step: int | None = None) -> RestoredRun:
-    """The model, model config and tokenizer of a run dir at `step` (None: the latest checkpoint).
-
-    Only the parameters are read (partial restore of the `state` item), so this needs neither the
-    optimizer config nor the memory for its state.
-    """
-    run_dir = Path(run_dir)
-    directory = checkpoints_dir(run_dir)
-    manager = ocp.CheckpointManager(
-        directory.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
-    )
-    try:
-        step = resolve_step(manager, directory, step)
-        model_cfg = read_model_config(manager, directory, step)
-        graphdef, abstract_params, rest = split_model(
-            nnx.eval_shape(lambda: build_model(model_cfg, 0))
-        )
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = {"params": jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-            abstract_params,
-        )}
-        try:  # partial restore: the optimizer state and the rest of the TrainState stay on disk
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True,
-            )))
-        except Exception as err:  # orbax raises many kinds on corrupt or mismatched trees
-            raise ConfigError(f"cannot restore the parameters of {directory / str(step)}: "
-                              f"{str(err).splitlines()[0]}") from None
-    finally:
-        manager.close()
-    try:
-        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    except FileNotFoundError as err:
-        raise ConfigError(str(err)) from None
-    model = nnx.merge(graphdef, restored.state["params"], rest)
-    return RestoredRun(model, model_cfg, tokenizer, step)
-
-
-def resolve_step(manager: ocp.CheckpointManager, directory: Path, step: int | None) -> int:
-    steps = manager.all_steps()
-    if not steps:
-        raise ConfigError(f"{directory} holds no checkpoints: train the run first")
-    if step is None:
-        return manager.latest_step()
-    if step not in steps:
-        raise ConfigError(f"step={step} is not in {directory} (available: "
-                          f"{', '.join(map(str, sorted(steps)))}): pick one of those")
-    return step
-
-
-def read_model_config(manager: ocp.CheckpointManager, directory: Path, step: int) -> ModelConfig:
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        return ModelConfig(**meta["model"])
-    except Exception as err:  # unreadable meta, or a model config this version does not know
-        raise ConfigError(f"cannot read the model config of {directory / str(step)}: "
-                          f"{str(err).splitlines()[0]}") from None
+    return typed_config(cfg, "python -m jaxformer.inspect checkpoint=RUN_DIR text=TEXT")
 
 
 # -- tokens ---------------------------------------------------------------------------------------
-def encode_text(tokenizer: Tokenizer, text: str, key: str, *, bos: bool, eos: bool,
-                max_len: int) -> list[int]:
-    """Token ids of `text` framed as in training; `key` names the config field in errors."""
-    encoding = tokenizer.encode(text)
-    unknown = sorted({text[start:end] for (start, end), token_id in
-                      zip(encoding.offsets, encoding.ids) if token_id == UNK_ID})
-    if unknown:
-        alphabet = "".join(token for token, token_id in sorted(
-            tokenizer.get_vocab().items(), key=lambda item: item[1]) if token_id >= NUM_SPECIAL)
-        raise ConfigError(f"{key}={text!r} has characters outside the tokenizer's vocabulary "
-                          f"({', '.join(map(repr, unknown))}): use only {alphabet!r}")
-    ids = [BOS_ID] * bos + encoding.ids + [EOS_ID] * eos
-    if len(ids) > max_len:
-        raise ConfigError(f"{key} is {len(ids)} tokens long with its special tokens but "
-                          f"model.max_len={max_len}: shorten it")
-    return ids
-
-
 def token_labels(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     # visible stand-ins, so a space or a newline still gets a readable tick label
     return [tokenizer.id_to_token(i).replace(" ", "\u2423").replace("\n", "\\n") for i in ids]
@@ -331,6 +206,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = quote_free_text(sys.argv[1:])
+    sys.argv[1:] = quote_free_text(sys.argv[1:], FREE_TEXT_KEYS)
     preflight(sys.argv[1:], "inspect", to_inspect_config)
     main()

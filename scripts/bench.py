@@ -3,6 +3,11 @@
     compile   lower + compile time of the jitted train step as depth grows, scanned vs unrolled;
               defaults: decoder, d_model 256, 4 heads, d_ff 1024, context 128, batch 8, vocab 64,
               AdamW, causal-LM loss; depths 2 and 32 for both scan_layers=true and false
+    sample    tokens/s of KV-cache sampling (jaxformer.sampling.generate, after compile, median of
+              --repeats), prefill and per-step times, and in the same run Hugging Face
+              `GPT2LMHeadModel.generate()` of the same shape on PyTorch CPU (--no-peer skips it);
+              defaults: vocab 8192, d_model 256, 4 layers, 4 heads, d_ff 1024, context 256,
+              8 prompts of 16 tokens, 112 new tokens, temperature 0.8, top-k 50, top-p 0.9
 
 Each subcommand is a function `(args) -> dict` registered in `SUBCOMMANDS` with its own argparse
 options; `machine_info()` is added to every result, so numbers carry the box they came from.
@@ -21,11 +26,14 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig, OptimConfig, to_dict
+from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.models import build_model
 from jaxformer.run_info import run_metadata
+from jaxformer.sampling import generate
 from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.training.state import create_train_state, split_model
 from jaxformer.training.step import make_train_step
@@ -105,25 +113,132 @@ def compile_bench(args: argparse.Namespace) -> dict:
     }
 
 
+def add_shape_options(parser: argparse.ArgumentParser, context: int, vocab: int) -> None:
+    """The model and batch shape options every subcommand shares."""
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-heads", type=int, default=4)
+    parser.add_argument("--d-ff", type=int, default=1024)
+    parser.add_argument("--context", type=int, default=context, help="tokens per sequence (max_len)")
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--batch", type=int, default=8, help="sequences (prompts)")
+
+
 def add_compile_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 32],
                         help="n_layers to time with scan_layers=true")
     parser.add_argument("--unrolled-depths", type=int, nargs="+", default=[2, 32],
                         help="n_layers to time with scan_layers=false")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=1024)
-    parser.add_argument("--context", type=int, default=128, help="tokens per sequence (max_len)")
-    parser.add_argument("--vocab", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
+    add_shape_options(parser, context=128, vocab=64)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=1, help="median of this many compiles")
 
 
-# name -> (help, add_options, run); train / sample / peer benchmarks slot in here
+# -- sample ---------------------------------------------------------------------------------------
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_jax_sampling(args: argparse.Namespace) -> dict:
+    """Compile once, then the median of `repeats` full decodes (prefill + new tokens); a
+    one-token decode (prefill + one draw) gives the prefill time and, by difference, the step
+    (a difference of medians: noisy at toy sizes)."""
+    model = build_model(sample_model_config(args), seed=0)
+    prompts = np.random.default_rng(0).integers(5, args.vocab, (args.batch, args.prompt_len))
+    lens = np.full(args.batch, args.prompt_len)
+    controls = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    stop_tokens=(), key=jax.random.key(0))  # no stop token: every row runs to the end
+
+    def decode(new_tokens: int):
+        return lambda: jax.block_until_ready(
+            generate(model, prompts, lens, max_new_tokens=new_tokens, **controls).tokens)
+
+    start = time.perf_counter()
+    decode(args.new_tokens)()
+    compile_s = time.perf_counter() - start
+    decode(1)()
+    prefill_s = median_seconds(decode(1), args.repeats)
+    total_s = median_seconds(decode(args.new_tokens), args.repeats)
+    step_s = (total_s - prefill_s) / max(args.new_tokens - 1, 1)
+    return {"sample_tokens_per_s": round(args.batch * args.new_tokens / total_s, 1),
+            "sample_s": round(total_s, 4), "compile_s": round(compile_s, 2),
+            "prefill_ms": round(1e3 * prefill_s, 3), "decode_step_ms": round(1e3 * step_s, 3)}
+
+
+def time_hf_sampling(args: argparse.Namespace) -> dict:
+    """`transformers` GPT-2 of the same shape: generate() with the same controls, KV cache on,
+    min_new_tokens = max_new_tokens so every row runs all the new tokens."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=args.vocab, n_positions=args.context, n_embd=args.d_model,
+                        n_layer=args.n_layers, n_head=args.n_heads, n_inner=args.d_ff,
+                        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model = GPT2LMHeadModel(config).eval()
+    prompts = torch.randint(5, args.vocab, (args.batch, args.prompt_len))
+
+    def decode():
+        with torch.inference_mode():
+            return model.generate(
+                prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, use_cache=True,
+                pad_token_id=PAD_ID)
+
+    assert decode().shape == (args.batch, args.prompt_len + args.new_tokens)  # also the warm-up
+    total_s = median_seconds(decode, args.repeats)
+    return {"hf_tokens_per_s": round(args.batch * args.new_tokens / total_s, 1),
+            "hf_s": round(total_s, 4), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def sample_model_config(args: argparse.Namespace) -> ModelConfig:
+    # GPT-2's layout: learned positions, pre-LN with a final norm, tanh GELU, tied head
+    return ModelConfig(kind="decoder", vocab_size=args.vocab, max_len=args.context,
+                       d_model=args.d_model, n_heads=args.n_heads, n_layers=args.n_layers,
+                       d_ff=args.d_ff, activation="gelu_tanh", positions="learned", norm="pre")
+
+
+def sample_bench(args: argparse.Namespace) -> dict:
+    model = {key: value for key, value in to_dict(sample_model_config(args)).items()
+             if key in ("vocab_size", "max_len", "d_model", "n_heads", "n_layers", "d_ff",
+                        "activation", "scan_layers", "dtype")}
+    result = {"model": model, "batch": args.batch, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "temperature": args.temperature,
+              "top_k": args.top_k, "top_p": args.top_p, "repeats": args.repeats,
+              **time_jax_sampling(args)}
+    print(f"jaxformer: {result['sample_tokens_per_s']} tokens/s", file=sys.stderr)
+    if args.peer:
+        result.update(time_hf_sampling(args))
+        result["speedup_over_hf"] = round(result["sample_tokens_per_s"] / result["hf_tokens_per_s"], 2)
+        print(f"transformers: {result['hf_tokens_per_s']} tokens/s", file=sys.stderr)
+    return result
+
+
+def add_sample_options(parser: argparse.ArgumentParser) -> None:
+    add_shape_options(parser, context=256, vocab=8192)
+    parser.add_argument("--n-layers", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=112)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=5, help="median of this many decodes")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time transformers' GPT-2 generate() (PyTorch CPU)")
+
+
+# name -> (help, add_options, run); train / peer benchmarks slot in here
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], dict]]] = {
     "compile": ("train-step compile time vs depth, scanned and unrolled",
                 add_compile_options, compile_bench),
+    "sample": ("KV-cache sampling tokens/s, and transformers' GPT-2 generate() for scale",
+               add_sample_options, sample_bench),
 }
 
 

@@ -31,6 +31,19 @@ def test_compile_bench_prints_one_json_object():
     assert {"versions", "devices", "cpu_count"} <= set(result["machine"])
 
 
+def test_sample_bench_prints_one_json_object():
+    done = run_bench("sample", "--vocab", "64", "--d-model", "16", "--n-heads", "2",
+                     "--n-layers", "1", "--d-ff", "32", "--context", "16", "--batch", "2",
+                     "--prompt-len", "4", "--new-tokens", "6", "--repeats", "1", "--no-peer")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["bench"] == "sample" and result["model"]["vocab_size"] == 64
+    assert result["new_tokens"] == 6 and result["top_k"] == 50 and result["top_p"] == 0.9
+    assert result["sample_tokens_per_s"] > 0 and result["prefill_ms"] > 0
+    assert result["compile_s"] > 0 and isinstance(result["decode_step_ms"], float)  # noisy here
+    assert "hf_tokens_per_s" not in result  # --no-peer: transformers is not run
+
+
 def test_unknown_subcommand_is_refused():
     done = run_bench("nope")
     assert done.returncode == 2 and "invalid choice: 'nope'" in done.stderr

@@ -15,8 +15,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from conftest import run_module
 from jaxformer.config import ConfigError, ModelConfig, OptimConfig, to_dict
 from jaxformer.data.tokenizers import char_tokenizer, save_tokenizer
+from jaxformer.cli import quote_free_text
 from jaxformer.inspect import (
-    InspectConfig, attention_maps, inspect_run, quote_free_text, restore_params,
+    FREE_TEXT_KEYS, InspectConfig, attention_maps, inspect_run, restore_params,
 )
 from jaxformer.models import build_model
 from jaxformer.training.checkpoint import Checkpointer
@@ -188,9 +189,9 @@ FREE_TEXTS = ["12+34=", "007", "true", "1e3", "a,b", "it's\\", 'say "hi"', " x "
 
 @pytest.mark.parametrize("raw", FREE_TEXTS)
 def test_free_text_reaches_the_app_verbatim(raw):
-    (quoted,) = quote_free_text([f"text={raw}"])
+    (quoted,) = quote_free_text([f"text={raw}"], FREE_TEXT_KEYS)
     assert OverridesParser.create().parse_overrides([quoted])[0].value() == raw
-    assert quote_free_text(["step=3", "target='x'"]) == ["step=3", "target='x'"]
+    assert quote_free_text(["step=3", "target='x'"], FREE_TEXT_KEYS) == ["step=3", "target='x'"]
 
 
 def test_cli_writes_pngs_and_reports_errors_in_one_line(runs, tmp_path):

@@ -3,25 +3,50 @@
 A `LayerStack` stores its blocks' parameters stacked on a leading layer axis (one layout for every
 depth and mode, so checkpoints and weight conversion never depend on how the stack runs) and runs
 them either with `lax.scan` (compile time flat in depth) or unrolled; both record per-layer
-diagnostics (models/probes.py). The plain MLP stacks its dense layers the same way.
+diagnostics (models/probes.py). The plain MLP stacks its dense layers the same way. Decoding runs
+the same blocks over a KV cache (`LayerStack.cached`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.attention import MultiHeadAttention
+from jaxformer.models.attention import KVCache, MultiHeadAttention
 from jaxformer.models.layers import MLP, make_norm
 from jaxformer.models.probes import LayerRecord, output_stats, pop_records
 
 
+class LayerCache(NamedTuple):
+    """One block's decoding cache (arrays head-major: (B, heads, positions, head_dim))."""
+
+    self_kv: KVCache  # W slots: keys/values of the positions decoded so far
+    cross_kv: KVCache | None = None  # S slots: the encoder memory's, computed once
+
+
+class DecodeCache(NamedTuple):
+    """What a decode loop carries between steps: one LayerCache per block and, for an
+    encoder-decoder, the source padding (B, S). Every array has the batch on axis 0."""
+
+    layers: tuple[LayerCache, ...]
+    memory_valid_bs: jax.Array | None = None
+
+    @property
+    def width(self) -> int:
+        return self.layers[0].self_kv.k.shape[2]
+
+    def select_rows(self, rows: jax.Array) -> DecodeCache:
+        """The cache of batch rows `rows` (repeat rows for N samples, reorder them for beams)."""
+        return jax.tree.map(lambda a: jnp.take(a, rows, axis=0), self)
+
+
 class Sublayer(nnx.Module):
-    """One residual branch: norm placement (pre | post | none), dropout, optional residual."""
+    """One residual branch: norm placement (pre | post | none), dropout, optional residual.
+    With `has_aux`, `fn` returns (output, aux) and the branch returns (x, aux)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.norm = make_norm(cfg, rngs=rngs)
@@ -29,17 +54,23 @@ class Sublayer(nnx.Module):
         self.placement = cfg.norm
         self.residual = cfg.residual
 
-    def __call__(self, x_btd: jax.Array, fn: Callable[[jax.Array], jax.Array], **dropout_kw):
+    def __call__(self, x_btd: jax.Array, fn: Callable, *, has_aux: bool = False, **dropout_kw):
         h_btd = self.norm(x_btd) if self.placement == "pre" else x_btd
-        h_btd = self.dropout(fn(h_btd), **dropout_kw)
+        h_btd, aux = fn(h_btd) if has_aux else (fn(h_btd), None)
+        h_btd = self.dropout(h_btd, **dropout_kw)
         if self.residual:
             h_btd = x_btd + h_btd
-        return self.norm(h_btd) if self.placement == "post" else h_btd
+        h_btd = self.norm(h_btd) if self.placement == "post" else h_btd
+        return (h_btd, aux) if has_aux else h_btd
 
 
 class Block(nnx.Module):
     """Self-attention, then cross-attention to `memory_bsd` (decoder of an encoder-decoder only),
-    then the MLP; each wrapped in a Sublayer. The self-attention mask decides causal or not."""
+    then the MLP; each wrapped in a Sublayer. The self-attention mask decides causal or not.
+
+    With `cache` (decoding), attention reads and writes the cache instead of recomputing keys and
+    values (the cross-attention reads the memory's from it), and the call returns (x, cache).
+    """
 
     def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, rngs: nnx.Rngs):
         self.attention = MultiHeadAttention(cfg, rngs=rngs)
@@ -53,16 +84,27 @@ class Block(nnx.Module):
 
     def __call__(
         self, x_btd: jax.Array, mask: jax.Array | None, positions_bt: jax.Array,
-        memory_bsd: jax.Array | None = None, memory_mask: jax.Array | None = None, **dropout_kw,
-    ) -> jax.Array:
-        x_btd = self.attention_branch(
-            x_btd, lambda h: self.attention(h, mask=mask, positions_bt=positions_bt), **dropout_kw
-        )
+        memory_bsd: jax.Array | None = None, memory_mask: jax.Array | None = None, *,
+        cache: LayerCache | None = None, **dropout_kw,
+    ):
+        if cache is None:
+            x_btd = self.attention_branch(
+                x_btd, lambda h: self.attention(h, mask=mask, positions_bt=positions_bt),
+                **dropout_kw)
+        else:
+            x_btd, self_kv = self.attention_branch(
+                x_btd, lambda h: self.attention.cached(h, cache.self_kv, mask=mask,
+                                                       positions_bt=positions_bt),
+                has_aux=True, **dropout_kw)
+            cache = cache._replace(self_kv=self_kv)
         if self.has_cross_attention:
-            x_btd = self.cross_attention_branch(
-                x_btd, lambda h: self.cross_attention(h, memory_bsd, mask=memory_mask), **dropout_kw
-            )
-        return self.mlp_branch(x_btd, self.mlp, **dropout_kw)
+            def cross(h):
+                if cache is None:
+                    return self.cross_attention(h, memory_bsd, mask=memory_mask)
+                return self.cross_attention.cached(h, cache.cross_kv, mask=memory_mask)[0]
+            x_btd = self.cross_attention_branch(x_btd, cross, **dropout_kw)
+        x_btd = self.mlp_branch(x_btd, self.mlp, **dropout_kw)
+        return x_btd if cache is None else (x_btd, cache)
 
 
 class LayerStack(nnx.Module):
@@ -72,6 +114,10 @@ class LayerStack(nnx.Module):
 
     In diagnose mode (models/probes.py) a zero `probe` (n_layers, *x.shape) is added to the layer
     outputs and `layer_record` holds per-layer statistics as (n_layers,) arrays.
+
+    Decoding (`cached`) always runs the blocks unrolled over one cache array per layer, updated in
+    place: a layer slice of a stacked cache would be copied at every step (about 10x slower per
+    token on CPU). Its compile time grows with depth; the training step's does not.
     """
 
     def __init__(self, cfg: ModelConfig, n_layers: int, *, layer: Callable[..., nnx.Module] = Block,
@@ -86,6 +132,14 @@ class LayerStack(nnx.Module):
         self.scan = cfg.scan_layers
         self.diagnose = False
         self.probe = nnx.data(None)  # set by diagnostics (zeros if unset when diagnosing)
+        self.cache_heads = (cfg.n_heads, cfg.d_model // cfg.n_heads)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def layer_blocks(self) -> list[Block]:
+        """The blocks one by one (slices of the stacked parameters), for unrolled runs."""
+        graphdef, params = nnx.split(self.blocks)
+        return [nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[i], params))
+                for i in range(self.n_layers)]
 
     def __call__(
         self, x_btd: jax.Array, *layer_args: jax.Array | None, deterministic: bool = True,
@@ -130,6 +184,33 @@ class LayerStack(nnx.Module):
         if self.diagnose:
             self.layer_record = LayerRecord(records)
         return x_btd
+
+    def cached(
+        self, blocks: list[Block], x_btd: jax.Array, mask: jax.Array, positions_bt: jax.Array,
+        cache: tuple[LayerCache, ...], memory_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[LayerCache, ...]]:
+        """`blocks` (this stack's `layer_blocks()`) over new tokens at `positions_bt`, reading and
+        writing the layer caches. Take the blocks once, outside a decode loop: slicing the stacked
+        parameters inside it would copy every layer's weights at every step."""
+        updated = []
+        for block, layer_cache in zip(blocks, cache):
+            x_btd, layer_cache = block(x_btd, mask, positions_bt, memory_mask=memory_mask,
+                                       cache=layer_cache)
+            updated.append(layer_cache)
+        return x_btd, tuple(updated)
+
+    def empty_cache(self, batch: int, width: int,
+                    memory_bsd: jax.Array | None = None) -> tuple[LayerCache, ...]:
+        """Zero self-attention caches of `width` slots and, with a memory, its cross-attention
+        keys/values (computed here once: they do not change while decoding)."""
+        def zeros():
+            return jnp.zeros((batch, self.cache_heads[0], width, self.cache_heads[1]), self.dtype)
+
+        return tuple(
+            LayerCache(KVCache(zeros(), zeros()),
+                       None if memory_bsd is None else block.cross_attention.memory_cache(memory_bsd))
+            for block in self.layer_blocks()
+        )
 
     def _captures_weights(self) -> bool:
         return any(

@@ -1,14 +1,20 @@
-"""GPT-like decoder: token embedding + positions, causal blocks, final norm, tied LM head."""
+"""GPT-like decoder: token embedding + positions, causal blocks, final norm, tied LM head.
+
+Decoding (`init_cache`, `decode_fn`) runs the same blocks over a KV cache: tokens carry their
+absolute positions, so learned, sinusoidal and rope positions are those of the full forward.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.attention import causal_mask, combine_masks, padding_mask
-from jaxformer.models.blocks import LayerStack
+from jaxformer.models.attention import cache_mask, causal_mask, combine_masks, padding_mask
+from jaxformer.models.blocks import DecodeCache, LayerStack
 from jaxformer.models.layers import Embed, Embeddings, make_norm, positions_like
 
 
@@ -40,10 +46,32 @@ class Decoder(nnx.Module):
         x_btd = self.stack(x_btd, mask, positions_bt, **dropout_kw)
         return x_btd if self.final_norm is None else self.final_norm(x_btd)
 
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """Next-token logits (B, T, vocab), float32, from final hidden states (tied head)."""
+        return self.embed.attend(hidden_btd).astype(jnp.float32)
+
     def __call__(
         self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, *,
         deterministic: bool = True, rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """Next-token logits (B, T, vocab), float32."""
-        x_btd = self.hidden(tokens_bt, valid_bt, deterministic=deterministic, rngs=rngs)
-        return self.embed.attend(x_btd).astype(jnp.float32)
+        return self.logits(self.hidden(tokens_bt, valid_bt, deterministic=deterministic, rngs=rngs))
+
+    def init_cache(self, batch: int, width: int) -> DecodeCache:
+        """An empty KV cache of `width` positions for `batch` rows."""
+        return DecodeCache(self.stack.empty_cache(batch, width))
+
+    def decode_fn(self) -> Callable:
+        """`step(tokens_bt, positions_bt, cache) -> (hidden_btd, cache)`: hidden states (B, T,
+        d_model) of tokens at absolute positions, attending to cached positions <= their own, their
+        keys/values written to the cache. Build it once, outside the decode loop."""
+        blocks = self.stack.layer_blocks()
+
+        def step(tokens_bt: jax.Array, positions_bt: jax.Array, cache: DecodeCache):
+            x_btd = self.embeddings(self.embed(tokens_bt), positions_bt)
+            x_btd, layers = self.stack.cached(blocks, x_btd, cache_mask(positions_bt, cache.width),
+                                              positions_bt, cache.layers)
+            x_btd = x_btd if self.final_norm is None else self.final_norm(x_btd)
+            return x_btd, cache._replace(layers=layers)
+
+        return step

@@ -1,15 +1,20 @@
 """Encoder-decoder (Vaswani et al. 2017, T5): a bidirectional encoder over the source, a causal
-decoder that cross-attends to it, one token table shared by source, target and the output head."""
+decoder that cross-attends to it, one token table shared by source, target and the output head.
+
+Decoding encodes the source once (`init_cache`: the memory's cross-attention keys/values per
+layer), then runs the decoder stack over a self-attention KV cache (`decode_fn`)."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.attention import causal_mask, combine_masks, padding_mask
-from jaxformer.models.blocks import LayerStack
+from jaxformer.models.attention import cache_mask, causal_mask, combine_masks, padding_mask
+from jaxformer.models.blocks import DecodeCache, LayerStack
 from jaxformer.models.decoder import require_vocab
 from jaxformer.models.layers import Embed, Embeddings, make_norm, positions_like
 
@@ -62,8 +67,35 @@ class EncoderDecoder(nnx.Module):
         """Next-token logits (B, T, vocab), float32, for target tokens given the memory."""
         dropout_kw = {"deterministic": deterministic, "rngs": rngs}
         y_btd = self.decoder_embeddings(self.embed(tgt_bt), positions_like(tgt_bt), **dropout_kw)
-        h_btd = self.decode_vectors(y_btd, memory_bsd, src_valid_bs, **dropout_kw)
-        return self.embed.attend(h_btd).astype(jnp.float32)
+        return self.logits(self.decode_vectors(y_btd, memory_bsd, src_valid_bs, **dropout_kw))
+
+    def logits(self, hidden_btd: jax.Array) -> jax.Array:
+        """Next-token logits (B, T, vocab), float32, from decoder hidden states (tied head)."""
+        return self.embed.attend(hidden_btd).astype(jnp.float32)
+
+    def init_cache(self, batch: int, width: int, src_bs: jax.Array,
+                   src_valid_bs: jax.Array | None = None) -> DecodeCache:
+        """Encode the source (B, S) once: an empty self-attention cache of `width` target
+        positions, each decoder layer's keys/values of the memory, and the source padding."""
+        memory_bsd = self.encode(src_bs, src_valid_bs)
+        return DecodeCache(self.decoder.empty_cache(batch, width, memory_bsd), src_valid_bs)
+
+    def decode_fn(self) -> Callable:
+        """`step(tgt_bt, positions_bt, cache) -> (hidden_btd, cache)`: decoder hidden states of
+        target tokens at absolute positions, through the self-attention cache (written for them)
+        and the cached memory. Build it once, outside the decode loop."""
+        blocks = self.decoder.layer_blocks()
+
+        def step(tgt_bt: jax.Array, positions_bt: jax.Array, cache: DecodeCache):
+            y_btd = self.decoder_embeddings(self.embed(tgt_bt), positions_bt)
+            memory_mask = (None if cache.memory_valid_bs is None
+                           else padding_mask(cache.memory_valid_bs))
+            h_btd, layers = self.decoder.cached(blocks, y_btd, cache_mask(positions_bt, cache.width),
+                                                positions_bt, cache.layers, memory_mask)
+            h_btd = h_btd if self.decoder_norm is None else self.decoder_norm(h_btd)
+            return h_btd, cache._replace(layers=layers)
+
+        return step
 
     def __call__(
         self, src_bs: jax.Array, src_valid_bs: jax.Array | None, tgt_bt: jax.Array, *,
