@@ -28,6 +28,7 @@ TASKS = TOKEN_TASKS + VECTOR_TASKS
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 WANDB_MODES = ("offline", "online", "disabled")
+BEST_METRICS = ("loss", "accuracy", "exact_match")  # the eval metrics every objective reports
 
 
 class ConfigError(ValueError):
@@ -214,6 +215,14 @@ class TrainerConfig:
     # persistent XLA cache: a job whose programs match an earlier job's loads them instead of
     # compiling (the jobs of a sweep share most programs); None: off
     compilation_cache_dir: Optional[str] = None
+    checkpoint_minutes: Optional[float] = None  # also save when this much time has passed
+    keep_best: int = 0  # also keep the best K checkpoints by best_metric (saved at every eval)
+    best_metric: str = "loss"  # an eval metric: loss, accuracy, exact_match, exact_match_<bin>
+    best_mode: str = "auto"  # min | max | auto (min for loss, max for the others)
+    # a non-finite loss or gradient never reaches the parameters (the update is skipped inside the
+    # step); then stop: end the run naming the step | skip: go on, counting skipped steps
+    nonfinite: str = "stop"
+    max_skipped_steps: int = 100  # nonfinite=skip: stop once more steps than this were skipped
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -229,6 +238,24 @@ class TrainerConfig:
         for name in ("num_samples", "diagnostics_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0")
+        if self.checkpoint_minutes is not None:
+            _check_positive("trainer", self, "checkpoint_minutes")
+        for name in ("keep_best", "max_skipped_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0")
+        if self.best_metric not in BEST_METRICS and not self.best_metric.startswith("exact_match_"):
+            raise ConfigError(
+                f"trainer.best_metric={self.best_metric!r} is not an eval metric: use one of "
+                f"{', '.join(BEST_METRICS)} or exact_match_<difficulty bin>")
+        _check_choice("trainer", self, "best_mode", ("auto", "min", "max"))
+        _check_choice("trainer", self, "nonfinite", ("stop", "skip"))
+
+    @property
+    def best_direction(self) -> str:
+        """min or max: how best_metric improves."""
+        if self.best_mode != "auto":
+            return self.best_mode
+        return "min" if self.best_metric == "loss" else "max"
 
 
 @dataclass

@@ -24,6 +24,8 @@ for noisy in ("absl", "orbax", "jax"):
 
 
 def report(result) -> None:
+    if result.already_finished:
+        print(f"{result.run_dir} already holds a finished run ({result.step} steps): nothing to do")
     print()
     width = max((len(prompt + completion) for prompt, completion, *_ in result.samples), default=0)
     for prompt, completion, expected, correct in result.samples:
@@ -52,6 +54,7 @@ def main(cfg: DictConfig) -> float:
     # after config checks: importing jax is slow
     from jaxformer.parallel import is_main_process
     from jaxformer.training.loop import train
+    from jaxformer.training.preemption import Preempted
 
     hydra_cfg = HydraConfig.get()
     try:
@@ -63,6 +66,9 @@ def main(cfg: DictConfig) -> float:
         if isinstance(err, FloatingPointError) and hydra_cfg.mode == RunMode.MULTIRUN:
             return float("nan")  # a diverged job is a result of a sweep, not its end
         sys.exit(2)
+    except Preempted as stop:  # a checkpoint was written: a clean stop, not a crash
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
     if is_main_process():
         report(result)
     return result.eval_metrics.get("exact_match", result.eval_metrics["accuracy"])

@@ -1,28 +1,55 @@
 """orbax checkpoints of the train state, the data position and the model config.
 
-orbax writes each step to a temporary folder and renames it when complete, so a crash mid-save
-never leaves a half checkpoint as "latest". Restores target the abstract state, so arrays come back
-with the right shapes and dtypes, and a checkpoint from a different model is refused up front.
+Atomic: orbax writes each step into a temporary folder and renames it when complete, so a crash
+mid-save (SIGKILL included) never leaves a half checkpoint as "latest"; the next start ignores
+the leftover. Robust: a latest checkpoint that fails to restore (corrupt, truncated) is skipped
+with a warning and the one before it is used. Kept: the latest `keep` plus, when asked, the best
+`keep_best` by an eval metric. Restores target the abstract (sharded) state, so arrays come back
+with the right shapes, dtypes and placement, and a checkpoint from another model is refused.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxformer.config import ConfigError
 from jaxformer.training.state import TrainState
 
+log = logging.getLogger(__name__)
+
+
+def warn(message: str) -> None:
+    """A warning the user sees on the console and in train.log."""
+    log.warning(message)
+    print(f"warning: {message}", file=sys.stderr)
+
 
 class Checkpointer:
-    def __init__(self, directory: Path, keep: int, save_every: int):
+    def __init__(self, directory: Path, keep: int, save_every: int, *, keep_best: int = 0,
+                 best_metric: str = "loss", best_mode: str = "min"):
         self.directory = Path(directory).absolute()
+        self.best_metric = best_metric
+        preserve = [policies.LatestN(n=keep)]
+        if keep_best:
+            preserve.append(policies.BestN(
+                get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min",
+                n=keep_best, keep_checkpoints_without_metrics=False,
+            ))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=save_every, create=True,
+            create=True, preservation_policy=policies.AnyPreservationPolicy(preserve),
+            # every save_every steps, nothing more: no step-1 save, and preemption is the loop's
+            save_decision_policy=policies.FixedIntervalPolicy(save_every),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -30,7 +57,12 @@ class Checkpointer:
     def should_save(self, step: int) -> bool:
         return self.manager.should_save(step)
 
-    def save(self, step: int, state: TrainState, data_state: dict, meta: dict, force=False) -> bool:
+    def save(self, step: int, state: TrainState, data_state: dict, meta: dict,
+             eval_metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+        """Write step `step`; `eval_metrics` (with the best metric) make it a best-K candidate."""
+        metrics = None
+        if eval_metrics and self.best_metric in eval_metrics:
+            metrics = {self.best_metric: float(eval_metrics[self.best_metric])}
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -38,7 +70,7 @@ class Checkpointer:
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
             ),
-            force=force,
+            metrics=metrics, force=force,
         )
 
     def read_meta(self, step: int) -> dict:
@@ -59,6 +91,33 @@ class Checkpointer:
                 f"{str(err).splitlines()[0]} (delete it or start a new hydra.run.dir)"
             ) from None
         return restored.state, restored.data
+
+    def latest_meta(self) -> tuple[int, dict] | None:
+        """(step, meta) of the newest checkpoint whose meta reads; None without checkpoints."""
+        for step in reversed(self.steps()):
+            try:
+                return step, self.read_meta(step)
+            except Exception as err:  # noqa: BLE001 (any unreadable checkpoint is skipped)
+                warn(f"checkpoint {self.directory / str(step)} is unreadable "
+                     f"({str(err).splitlines()[0]}); trying the one before it")
+        return None
+
+    def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict, int] | None:
+        """(state, data position, step) from the newest checkpoint that restores, falling back
+        past corrupt ones with a warning; None when there are no checkpoints at all."""
+        steps = self.steps()
+        failures = []
+        for step in reversed(steps):
+            try:
+                state, data_state = self.restore(step, abstract_state)
+                return state, data_state, step
+            except ConfigError as err:
+                failures.append(str(err))
+                warn(f"{err}; falling back to the checkpoint before it")
+        if failures:
+            raise ConfigError(f"none of the {len(steps)} checkpoints in {self.directory} restores "
+                              f"(newest: {failures[0]})")
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

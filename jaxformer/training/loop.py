@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxformer.config import ConfigError, ModelConfig, TrainConfig, to_dict
+from jaxformer.config import ConfigError, ModelConfig, TrainConfig, TrainerConfig, to_dict
 from jaxformer.data.pipeline import eval_set, train_iterator
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import save_tokenizer
@@ -31,6 +32,8 @@ from jaxformer.run_info import run_metadata
 from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker
 from jaxformer.training.checkpoint import Checkpointer, check_compatible
 from jaxformer.training.optim import make_optimizer, make_schedule
+from jaxformer.training.preemption import Preempted, SaveTriggers
+from jaxformer.training.run_dir import RunLock, check_writable, read_finished, write_finished
 from jaxformer.training.state import count_params, init_train_state, state_layout
 from jaxformer.training.step import StepShardings, make_eval_step, make_train_step
 
@@ -44,18 +47,19 @@ class TrainResult:
     objective: str
     eval_metrics: dict[str, float]
     samples: list[tuple[str, str, str, bool]]  # (prompt, completion, expected, correct)
+    already_finished: bool = False  # the run dir held a finished run: nothing was recomputed
+
+    def record(self) -> dict:
+        """What the finished marker keeps, so a relaunch can report without recomputing."""
+        return {"step": self.step, "objective": self.objective, "wandb_dir": self.wandb_dir,
+                "eval_metrics": self.eval_metrics, "samples": self.samples}
 
 
-def check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"run dir {run_dir} is not writable ({err.strerror}): set hydra.run.dir to a writable path"
-        ) from None
+def finished_result(run_dir: Path, record: dict) -> TrainResult:
+    return TrainResult(run_dir, run_dir / "metrics.jsonl", record.get("wandb_dir"), record["step"],
+                       record["objective"], record["eval_metrics"],
+                       [tuple(sample) for sample in record.get("samples", [])],
+                       already_finished=True)
 
 
 @dataclass
@@ -138,25 +142,53 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in to_host(metrics).items()}
 
 
+def check_finite(metrics: dict[str, float], step: int, trainer: TrainerConfig,
+                 checkpointer: Checkpointer) -> None:
+    """Stop on a skipped (non-finite) step unless trainer.nonfinite=skip allows it."""
+    if not metrics["nonfinite"]:
+        return
+    skipped = int(metrics["skipped_steps"])
+    if trainer.nonfinite == "skip" and skipped <= trainer.max_skipped_steps:
+        return
+    latest = checkpointer.latest_step()
+    last_good = "none yet" if latest is None else str(checkpointer.directory / str(latest))
+    cause = (f"{skipped} steps skipped (more than trainer.max_skipped_steps="
+             f"{trainer.max_skipped_steps})" if trainer.nonfinite == "skip" else
+             "set trainer.nonfinite=skip to skip such steps")
+    raise FloatingPointError(
+        f"non-finite training step {step} (loss {metrics['loss']}, gradient norm "
+        f"{metrics['grad_norm']}); its update was not applied. Last good checkpoint: {last_good}. "
+        f"Lower optim.lr or raise optim.warmup_steps, or {cause}")
+
+
 def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) -> TrainResult:
+    """Train (or resume) the run in `run_dir`. A run that already reached trainer.steps (its
+    finished marker says so) returns its stored result: relaunched sweeps skip finished jobs."""
     initialize_distributed(cfg.mesh)  # before anything touches the devices
     run_dir = Path(run_dir).absolute()
     prepared = prepare(cfg, run_dir)
-    with use_mesh(prepared.mesh):
-        return _train(cfg, run_dir, job_name, prepared)
+    finished = read_finished(run_dir)
+    if finished is not None and finished["step"] >= cfg.trainer.steps:
+        return finished_result(run_dir, finished)
+    lock = RunLock(run_dir) if is_main_process() else contextlib.nullcontext()
+    with lock, use_mesh(prepared.mesh), SaveTriggers(cfg.trainer.checkpoint_minutes) as triggers:
+        result = _train(cfg, run_dir, job_name, prepared, triggers)
+    if is_main_process():
+        write_finished(run_dir, result.record())
+    return result
 
 
-def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
-           prepared: Prepared) -> TrainResult:
+def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prepared,
+           triggers: SaveTriggers) -> TrainResult:
     task, objective, model_cfg, mesh = (prepared.task, prepared.objective, prepared.model_cfg,
                                         prepared.mesh)
     trainer = cfg.trainer
     checkpointer = Checkpointer(run_dir / "checkpoints", trainer.keep_checkpoints,
-                                trainer.checkpoint_every)
-    latest = checkpointer.latest_step()
+                                trainer.checkpoint_every, keep_best=trainer.keep_best,
+                                best_metric=trainer.best_metric, best_mode=trainer.best_direction)
+    latest = checkpointer.latest_meta()
     if latest is not None:  # refuse another model's checkpoint before building anything
-        check_compatible(checkpointer.read_meta(latest)["model"], to_dict(model_cfg),
-                         checkpointer.directory)
+        check_compatible(latest[1]["model"], to_dict(model_cfg), checkpointer.directory)
     if is_main_process() and task.tokenizer is not None:
         save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
 
@@ -169,9 +201,10 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
     shardings = StepShardings(layout.shardings, batch_sharding(mesh), replicated(mesh))
     data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed,
                                rows=process_rows(trainer.batch_size))
-    if latest is not None:  # restored straight into this mesh's shards, whatever wrote it
-        state, data_state = checkpointer.restore(
-            latest, with_shardings(layout.abstract, layout.shardings))
+    # restored straight into this mesh's shards, whatever wrote it; past corrupt checkpoints
+    restored = checkpointer.restore_latest(with_shardings(layout.abstract, layout.shardings))
+    if restored is not None:
+        state, data_state, _ = restored
         data_iter.set_state(data_state)
     else:
         state = init_train_state(model_cfg, tx, cfg.seed, layout.shardings)
@@ -205,14 +238,17 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
         return metrics
 
     tokens_per_step = trainer.batch_size * task.max_positions(objective)
-    pending: tuple[int, dict] | None = None  # step N's metrics, read after step N+1 is dispatched
     pending_diagnostics: tuple[int, dict] | None = None  # read after the update is dispatched
     last_time, last_step = time.perf_counter(), start_step
     progress = tqdm(total=trainer.steps, initial=start_step,
                     disable=not (trainer.progress and is_main_process()),
                     desc="train", unit="step", dynamic_ncols=True)
+    # step N's metrics, read once step N+1 is dispatched, so the device never waits on the host
+    pending: tuple[int, dict] | None = None
 
     def flush() -> None:
+        """Log pending diagnostics; check the pending step for a skipped (non-finite) update,
+        and log it on log steps (and whenever it was skipped)."""
         nonlocal pending, pending_diagnostics, last_time, last_step
         if pending_diagnostics is not None:
             tracker.log(diagnostics_metrics(pending_diagnostics[1]), pending_diagnostics[0],
@@ -223,17 +259,19 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
         step, device_metrics = pending
         pending = None
         metrics = _floats(device_metrics)
-        if not math.isfinite(metrics["loss"]):
-            tracker.log(metrics, step, "train")  # the divergence is part of the run's record
-            raise FloatingPointError(
-                f"train loss is {metrics['loss']} at step {step}: lower optim.lr or raise "
-                f"optim.warmup_steps (last good checkpoint: {checkpointer.latest_step()})"
-            )
+        if not (metrics["nonfinite"] or step % trainer.log_every == 0 or step == trainer.steps):
+            return
         now = time.perf_counter()
         metrics["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
         last_time, last_step = now, step
-        tracker.log(metrics, step, "train")
+        tracker.log(metrics, step, "train")  # a skipped step is part of the run's record
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        check_finite(metrics, step, trainer, checkpointer)
+
+    def save(step: int, evaluated: dict[str, float] | None = None) -> None:
+        checkpointer.save(step, state, data_iter.get_state(), meta, eval_metrics=evaluated,
+                          force=True)
+        triggers.saved()
 
     eval_metrics: dict[str, float] = {}
     try:
@@ -244,19 +282,28 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
                 pending_diagnostics = (taken, diagnose(state, batch))  # before donating state
             state, metrics = train_step(state, batch)
             flush()
-            if step % trainer.log_every == 0 or step == trainer.steps:
-                pending = (step, metrics)
+            pending = (step, metrics)
             progress.update(1)
+            evaluated = None
             if step % trainer.eval_every == 0 or step == trainer.steps:
                 flush()
-                eval_metrics = evaluate(step)
+                eval_metrics = evaluated = evaluate(step)
                 score = ("exact match", eval_metrics["exact_match"]) if "exact_match" in eval_metrics \
                     else ("accuracy", eval_metrics["accuracy"])
                 if is_main_process():
                     progress.write(f"step {step}: eval loss {eval_metrics['loss']:.4f}, "
                                    f"{score[0]} {score[1]:.3f}")
-            if checkpointer.should_save(step) or step == trainer.steps:
-                checkpointer.save(step, state, data_iter.get_state(), meta, force=True)
+            preempted = triggers.preempted(step)
+            if (checkpointer.should_save(step) or step == trainer.steps or preempted
+                    or (evaluated and trainer.keep_best) or triggers.time_to_save()):
+                flush()  # never checkpoint a step before its finiteness is known
+                save(step, evaluated)
+            if preempted:
+                checkpointer.wait()
+                triggers.forward()
+                raise Preempted(f"stopped by {triggers.signal_name} at step {step} after saving "
+                                f"{checkpointer.directory / str(step)}: rerun the same command "
+                                "to resume", triggers.signal or signal.SIGTERM)
         flush()
         if not eval_metrics:  # resumed an already finished run: evaluate what was restored
             eval_metrics = evaluate(start_step)

@@ -21,6 +21,7 @@ class TrainState:
     params: nnx.State  # the model's nnx.Param leaves
     opt_state: optax.OptState
     rng: jax.Array  # uint32 key data; the step's dropout key is fold_in(rng, step)
+    skipped: jax.Array  # int32 scalar: steps whose non-finite loss/gradient was not applied
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
@@ -34,6 +35,7 @@ def create_train_state(params: nnx.State, tx: optax.GradientTransformation, seed
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
+        skipped=jnp.zeros((), jnp.int32),
     )
 
 

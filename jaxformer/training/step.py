@@ -96,8 +96,18 @@ def make_train_step(
                                               dropout_key(state))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        grad_norm = optax.global_norm(grads)
+        # a NaN/Inf loss or gradient never reaches the parameters or the optimizer moments: the
+        # step is counted as skipped and the host decides whether to stop (trainer.nonfinite)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = state.replace(
+            step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+            opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "nonfinite": (~finite).astype(jnp.float32), "skipped_steps": new_state.skipped}
         return new_state, metrics
 
     if shardings is None:
