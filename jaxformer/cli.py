@@ -7,6 +7,7 @@ first value) and turns any problem into one `error: ...` line and exit code 2.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -16,12 +17,48 @@ from typing import Callable
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
 
 from jaxformer.config import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")
+JOB_DIR_MAX = 120  # characters of a sweep job's directory name (file systems allow 255 bytes)
+# what Hydra may instantiate from a config: its own launchers and sweepers, and jaxformer's
+TARGET_PREFIXES = ("hydra.", "hydra_plugins.", "jaxformer.")
+
+
+def job_dir_name(override_dirname: str, job_num: int | str) -> str:
+    """A sweep job's directory: its overrides (`model.n_layers=4,seed=1`), readable and unique
+    within the sweep; characters a path cannot hold become '_', and a name past JOB_DIR_MAX is
+    cut and suffixed with a hash of the whole, so two jobs never share a directory."""
+    if not override_dirname:
+        return str(job_num)
+    name = re.sub(r"[^A-Za-z0-9._=,+\-]", "_", override_dirname)
+    if len(name) > JOB_DIR_MAX:
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+        name = f"{name[:JOB_DIR_MAX - 11]}-{digest}"
+    return name
+
+
+OmegaConf.register_new_resolver("job_dir", job_dir_name, replace=True)
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Refuse `_target_`s outside Hydra's and jaxformer's own classes: a config must never make
+    Hydra import and call arbitrary code (`hydra.launcher._target_=os.system`)."""
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            target = node.get("_target_")
+            if target is not None and not str(target).startswith(TARGET_PREFIXES):
+                raise ConfigError(f"{path}._target_={target} is not allowed: only classes under "
+                                  f"{', '.join(TARGET_PREFIXES)} may be instantiated")
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{path}[{index}]")
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def _one_line(err: Exception) -> str:
@@ -66,15 +103,18 @@ def preflight(argv: list[str], config_name: str, validate: Callable[[DictConfig]
         key = override.get_key_element()
         if override.key_or_group in ("hydra.run.dir", "hydra.sweep.dir"):
             _check_output_dir(override.key_or_group, override.value())
-        if override.key_or_group.startswith("hydra"):
-            continue
+            continue  # may hold ${now:...}, resolved by Hydra's own run
         if override.is_sweep_override():
             overrides.append(f"{key}={next(override.sweep_string_iterator())}")
         else:
             overrides.append(override.input_line)
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            validate(compose(config_name=config_name, overrides=overrides))
+            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        check_targets(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        validate(cfg)
     except Exception as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
@@ -128,3 +168,19 @@ def typed_config(cfg: DictConfig, usage: str):
         raise ConfigError(f"{err.full_key} is required: {usage}") from None
     except Exception as err:  # OmegaConf type errors
         raise ConfigError(str(err).splitlines()[0]) from None
+
+
+EXCLUDED_FROM_JOB_NAMES = ("experiment", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def name_jobs_by_swept_keys(argv: list[str]) -> list[str]:
+    """In a multirun, name each job (its run dir, its wandb run) by the overrides that vary across
+    the sweep only: the fixed command-line ones are excluded from `override_dirname`, so
+    `-m model.d_model=32 seed=0,1` gives jobs `seed=0` and `seed=1`."""
+    if not any(arg in MULTIRUN_FLAGS for arg in argv):
+        return argv
+    parsed = OverridesParser.create().parse_overrides([a for a in argv if a not in MULTIRUN_FLAGS])
+    fixed = [o.key_or_group for o in parsed
+             if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    keys = ",".join(dict.fromkeys([*EXCLUDED_FROM_JOB_NAMES, *fixed]))
+    return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{keys}]"]

@@ -75,7 +75,7 @@ def restore_params(run_dir: Path | str, step: int | None = None) -> RestoredRun:
         manager.close()
     try:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # missing or malformed tokenizer.json
         raise ConfigError(str(err)) from None
     model = nnx.merge(graphdef, restored.state["params"], rest)
     return RestoredRun(model, model_cfg, tokenizer, step)

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from jaxformer.cli import per_process_overrides, preflight
+from jaxformer.cli import name_jobs_by_swept_keys, per_process_overrides, preflight
 from jaxformer.config import ConfigError, register_configs, to_train_config
 
 register_configs()
@@ -76,5 +76,5 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     preflight(sys.argv[1:], "train", to_train_config)
-    sys.argv[1:] = per_process_overrides(sys.argv[1:])
+    sys.argv[1:] = name_jobs_by_swept_keys(per_process_overrides(sys.argv[1:]))
     main()

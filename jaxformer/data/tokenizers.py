@@ -36,4 +36,9 @@ def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
 def load_tokenizer(path: Path) -> Tokenizer:
     if not Path(path).is_file():
         raise FileNotFoundError(f"tokenizer file {path} does not exist: point to a tokenizer.json")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on malformed files
+        raise ValueError(f"tokenizer file {path} is not a Hugging Face tokenizer.json "
+                         f"({str(err).strip().splitlines()[0]}): re-create it or point to another"
+                         ) from None

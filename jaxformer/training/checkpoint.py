@@ -11,7 +11,6 @@ with the right shapes, dtypes and placement, and a checkpoint from another model
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def warn(message: str) -> None:
-    """A warning the user sees on the console and in train.log."""
+    """On the console and in train.log under Hydra; on stderr (logging's last resort) elsewhere."""
     log.warning(message)
-    print(f"warning: {message}", file=sys.stderr)
 
 
 class Checkpointer:
@@ -86,10 +84,8 @@ class Checkpointer:
                 ),
             )
         except Exception as err:  # orbax raises many kinds on corrupt or mismatched trees
-            raise ConfigError(
-                f"cannot restore checkpoint {self.directory / str(step)}: "
-                f"{str(err).splitlines()[0]} (delete it or start a new hydra.run.dir)"
-            ) from None
+            raise ConfigError(f"checkpoint {self.directory / str(step)} does not restore "
+                              f"({str(err).strip().splitlines()[0]})") from None
         return restored.state, restored.data
 
     def latest_meta(self) -> tuple[int, dict] | None:
@@ -110,14 +106,26 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 state, data_state = self.restore(step, abstract_state)
-                return state, data_state, step
             except ConfigError as err:
                 failures.append(str(err))
-                warn(f"{err}; falling back to the checkpoint before it")
+                warn(f"{err}: falling back to the checkpoint before it")
+                continue
+            for bad in steps[len(steps) - len(failures):]:
+                self.quarantine(bad)
+            return state, data_state, step
         if failures:
             raise ConfigError(f"none of the {len(steps)} checkpoints in {self.directory} restores "
-                              f"(newest: {failures[0]})")
+                              f"(newest: {failures[0]}): start a new hydra.run.dir")
         return None
+
+    def quarantine(self, step: int) -> None:
+        """Move an unrestorable checkpoint aside (kept for a post-mortem, never deleted), so the
+        resumed run can write that step again."""
+        target = self.directory.parent / "checkpoints_unrestorable" / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(target)
+        warn(f"moved the unrestorable checkpoint {self.directory / str(step)} to {target}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

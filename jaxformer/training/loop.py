@@ -109,6 +109,9 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
             f"model.max_len={model_cfg.max_len}: set model.max_len>={needed} or shorten the task"
         )
     check_parallelism(cfg, model_cfg, mesh)
+    if cfg.trainer.keep_best and vector_task and cfg.trainer.best_metric.startswith("exact_match"):
+        raise ConfigError(f"trainer.best_metric={cfg.trainer.best_metric} does not exist for the "
+                          f"{task.cfg.name} task (no text answers): use loss or accuracy")
     return Prepared(task, objective, model_cfg, mesh)
 
 
