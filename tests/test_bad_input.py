@@ -15,7 +15,7 @@ from conftest import replace, tiny_config
 from jaxformer.cli import preflight
 from jaxformer.config import ConfigError, register_configs, to_train_config
 from jaxformer.data.tokenizers import load_tokenizer
-from jaxformer.inspect import restore_params
+from jaxformer.restore import restore_params
 from jaxformer.interop import InteropError, load_hf_decoder, load_hf_encoder
 from jaxformer.training.loop import train
 from jaxformer.training.run_dir import RunLock
