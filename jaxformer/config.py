@@ -202,7 +202,7 @@ class TrainerConfig:
     steps: int = 2000
     batch_size: int = 64
     log_every: int = 50
-    eval_every: int = 500
+    eval_every: int = 500  # and at the last step; 0: never evaluate (pure training / throughput)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     eval_batch_size: int = 250
@@ -226,9 +226,11 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _check_positive(
-            "trainer", self, "steps", "batch_size", "log_every", "eval_every",
+            "trainer", self, "steps", "batch_size", "log_every",
             "checkpoint_every", "keep_checkpoints", "eval_batch_size", "grad_accum",
         )
+        if self.eval_every < 0:
+            raise ConfigError(f"trainer.eval_every={self.eval_every} must be >= 0 (0: never)")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"trainer.batch_size={self.batch_size} is not divisible by "

@@ -151,6 +151,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
+    if len(names) != x.ndim:  # a layer met without its length axis (one decoded token, (B, D)):
+        names = (names[0], *[None] * (x.ndim - 2), names[-1])  # keep the batch and feature names
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
 
 

@@ -6,6 +6,7 @@ Re-running with the same `hydra.run.dir` resumes from its latest checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 import hydra
@@ -32,7 +33,10 @@ def report(result) -> None:
         mark = "ok " if correct else "BAD"
         print(f"  [{mark}] {prompt + completion:<{width}}  (expected {expected})")
     metrics = result.eval_metrics
-    if "exact_match" in metrics:
+    if not metrics:
+        print(f"\ntrained {result.step} steps ({result.objective}); no evaluation "
+              "(trainer.eval_every=0)")
+    elif "exact_match" in metrics:
         by_digits = ", ".join(
             f"{key.removeprefix('exact_match_')}: {value:.1%}"
             for key, value in metrics.items() if key.startswith("exact_match_")
@@ -71,7 +75,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(stop.exit_code)
     if is_main_process():
         report(result)
-    return result.eval_metrics.get("exact_match", result.eval_metrics["accuracy"])
+    return result.eval_metrics.get("exact_match", result.eval_metrics.get("accuracy", math.nan))
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
             pending = (step, metrics)
             progress.update(1)
             evaluated = None
-            if step % trainer.eval_every == 0 or step == trainer.steps:
+            if trainer.eval_every and (step % trainer.eval_every == 0 or step == trainer.steps):
                 flush()
                 eval_metrics = evaluated = evaluate(step)
                 score = ("exact match", eval_metrics["exact_match"]) if "exact_match" in eval_metrics \
@@ -308,7 +308,7 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
                                 f"{checkpointer.directory / str(step)}: rerun the same command "
                                 "to resume", triggers.signal or signal.SIGTERM)
         flush()
-        if not eval_metrics:  # resumed an already finished run: evaluate what was restored
+        if not eval_metrics and trainer.eval_every:  # resumed a finished run: evaluate it
             eval_metrics = evaluate(start_step)
         checkpointer.wait()
         samples = [  # a few held-out completions for a human to look at
