@@ -1,4 +1,5 @@
-"""GPT-like decoder: token embedding + positions, causal blocks, final norm, tied LM head."""
+"""GPT-like decoder: token embedding + positions, causal blocks, final norm, tied LM head; with
+model.num_classes > 0 also a sequence classifier on the last non-padding token."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import causal_mask, combine_masks, padding_mask
 from jaxformer.models.blocks import LayerStack
+from jaxformer.models.heads import ClassificationHead, Classifies
 from jaxformer.models.layers import Embed, Embeddings, make_norm, positions_like
 
 
@@ -18,13 +20,15 @@ def require_vocab(cfg: ModelConfig) -> int:
     return cfg.vocab_size
 
 
-class Decoder(nnx.Module):
+class Decoder(Classifies, nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.max_len = cfg.max_len
         self.embed = Embed(require_vocab(cfg), cfg.d_model, cfg, rngs=rngs)
         self.embeddings = Embeddings(cfg, rngs=rngs)
         self.stack = LayerStack(cfg, cfg.n_layers, rngs=rngs)
         self.final_norm = make_norm(cfg, rngs=rngs) if cfg.use_final_norm else None
+        self.classifier = (ClassificationHead(cfg, pooling="last", rngs=rngs)
+                           if cfg.num_classes else None)
 
     def hidden(
         self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from jaxformer.parallel import (
 from jaxformer.run_info import run_metadata
 from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker
 from jaxformer.training.checkpoint import Checkpointer, check_compatible
-from jaxformer.training.optim import make_optimizer, make_schedule
+from jaxformer.training.finetune import make_train_optimizer
+from jaxformer.training.init_from import apply_init, plan_init
+from jaxformer.training.optim import make_schedule
 from jaxformer.training.state import count_params, init_train_state, state_layout
 from jaxformer.training.step import StepShardings, make_eval_step, make_train_step
 
@@ -41,6 +44,10 @@ class TrainResult:
     objective: str
     eval_metrics: dict[str, float]
     samples: list[tuple[str, str, str, bool]]  # (prompt, completion, expected, correct)
+    init_report: list[str] | None = None  # what finetune.init_from loaded (None: nothing)
+
+
+log = logging.getLogger(__name__)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -88,7 +95,11 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         check_writable(run_dir)
     mesh = make_mesh(cfg.mesh)
     task = build_task(cfg.task)
-    objective = objective_for(cfg.model.kind, task.num_classes > 0)
+    objective = objective_for(cfg.model.kind, task.num_classes > 0, cfg.model.num_classes)
+    if cfg.model.kind == "decoder" and cfg.model.num_classes and objective != "classification":
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} adds a classifier to the "
+                          f"decoder, but task {task.cfg.name} is not a classification task: use "
+                          "task=is_sorted or model.num_classes=0")
     model_cfg = resolve_model_config(
         cfg.model, task.tokenizer.get_vocab_size(),
         task.num_classes if objective == "classification" else 0,
@@ -145,9 +156,15 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
     if is_main_process():
         save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
 
-    tx = make_optimizer(cfg.optim, trainer.steps)
+    tx = make_train_optimizer(cfg.optim, cfg.finetune, model_cfg, trainer.steps)
     schedule = make_schedule(cfg.optim, trainer.steps)
     layout = state_layout(model_cfg, tx, cfg.seed, mesh)  # shapes + shardings, no arrays yet
+    init_plan = None
+    if cfg.finetune.init_from and latest is not None:
+        log.info("resuming %s from step %d: finetune.init_from=%s is ignored",
+                 run_dir, latest, cfg.finetune.init_from)
+    elif cfg.finetune.init_from:  # read and matched before anything compiles
+        init_plan = plan_init(cfg.finetune, model_cfg, task.tokenizer, layout.abstract.params)
     graphdef, rest = layout.graphdef, layout.rest
     shardings = StepShardings(layout.shardings, batch_sharding(mesh), replicated(mesh))
     data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed,
@@ -158,12 +175,15 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
         data_iter.set_state(data_state)
     else:
         state = init_train_state(model_cfg, tx, cfg.seed, layout.shardings)
+        if init_plan is not None:
+            state = apply_init(state, init_plan)
     start_step = int(state.step)
 
     n_params = count_params(state.params)
     config = {
         **to_dict(cfg), "model": to_dict(model_cfg), "n_params": n_params,
         "job_name": job_name, "objective": objective, **run_metadata(),
+        **({"init_from": init_plan.report()} if init_plan else {}),
     }
     tracker, wandb_dir = make_tracker(cfg, run_dir, start_step, config)
     meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective}
@@ -240,5 +260,5 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None,
         checkpointer.close()
         tracker.finish()
     return TrainResult(run_dir, run_dir / "metrics.jsonl", wandb_dir, int(state.step), objective,
-                       eval_metrics, samples)
+                       eval_metrics, samples, init_plan.report() if init_plan else None)
 
