@@ -15,7 +15,9 @@ from typing import Callable
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+
+from jaxformer.config import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -95,3 +97,16 @@ def per_process_overrides(argv: list[str]) -> list[str]:
     if process_id_hint(argv) == 0:
         return argv
     return [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def typed_config(cfg: DictConfig, usage: str):
+    """The dataclass a composed config stands for, built (and so validated); a missing required
+    key names the command's usage, other problems their first line."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} is required: {usage}") from None
+    except Exception as err:  # OmegaConf type errors
+        raise ConfigError(str(err).splitlines()[0]) from None

@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import MISSING, DictConfig
 
-from jaxformer.cli import preflight
+from jaxformer.cli import preflight, typed_config
 from jaxformer.config import ConfigError
 from jaxformer.data.tokenizers import PAD_ID
 from jaxformer.models.heads import mean_pool
@@ -68,15 +68,7 @@ ConfigStore.instance().store(name="embed_schema", node=EmbedConfig)
 
 def to_embed_config(cfg: DictConfig) -> EmbedConfig:
     """Build (and so validate) the typed config from a composed DictConfig."""
-    try:
-        return OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"{err.full_key} is required: python -m jaxformer.embed "
-                          "model_dir=DIR input=lines.txt") from None
-    except Exception as err:  # OmegaConf type errors
-        raise ConfigError(str(err).splitlines()[0]) from None
+    return typed_config(cfg, "python -m jaxformer.embed model_dir=DIR input=lines.txt")
 
 
 def read_lines(path: str) -> list[str]:

@@ -25,10 +25,10 @@ from flax import nnx
 from hydra.core.config_store import ConfigStore
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import MISSING, DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import MISSING, DictConfig
 from tokenizers import Tokenizer
 
-from jaxformer.cli import preflight
+from jaxformer.cli import preflight, typed_config
 from jaxformer.config import ConfigError, ModelConfig
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, UNK_ID, load_tokenizer
 from jaxformer.models import build_model
@@ -67,15 +67,7 @@ ConfigStore.instance().store(name="inspect_schema", node=InspectConfig)
 
 def to_inspect_config(cfg: DictConfig) -> InspectConfig:
     """Build (and so validate) the typed config from a composed DictConfig."""
-    try:
-        return OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"{err.full_key} is required: python -m jaxformer.inspect "
-                          "checkpoint=RUN_DIR text=TEXT") from None
-    except Exception as err:  # OmegaConf type errors
-        raise ConfigError(str(err).splitlines()[0]) from None
+    return typed_config(cfg, "python -m jaxformer.inspect checkpoint=RUN_DIR text=TEXT")
 
 
 def quote_free_text(argv: list[str]) -> list[str]:

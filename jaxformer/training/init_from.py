@@ -95,9 +95,9 @@ def open_source(init_from: str, step: int | None) -> Source:
 def check_architecture(source: ModelConfig, model: ModelConfig, where: str) -> None:
     """Refuse a source that computes a different function from its weights than this model."""
     if source.kind != model.kind:
-        raise ConfigError(f"finetune.init_from={where} holds a {source.kind} but model.kind="
-                          f"{model.kind}: start a {model.kind} from a {model.kind} (model="
-                          f"{source.kind} to use this source)")
+        raise ConfigError(f"finetune.init_from={where} holds a {source.kind} model but model.kind="
+                          f"{model.kind}: weights start a model of their own family (set "
+                          f"model={source.kind} to use this source)")
 
     def value(cfg: ModelConfig, name: str):
         return cfg.use_final_norm if name == "final_norm" else getattr(cfg, name)
