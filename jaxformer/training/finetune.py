@@ -68,8 +68,8 @@ class FreezePlan:
 
     def describe(self) -> str:
         trains = ", ".join(f"{group} (lr x{factor:g})" for group, factor in self.multipliers.items())
-        frozen = [*self.frozen, *([f"blocks 0-{self.lower_blocks - 1} of every stack (zero "
-                                   "moments)"] if self.lower_blocks else [])]
+        frozen = [*self.frozen, *([f"the lowest {self.lower_blocks} block(s) of every stack "
+                                   "(zero-valued moments)"] if self.lower_blocks else [])]
         return (f"training {trains}; frozen: {', '.join(frozen)}"
                 + (" (whole groups hold no optimizer state)" if self.frozen else ""))
 
