@@ -29,6 +29,8 @@ SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 WANDB_MODES = ("offline", "online", "disabled")
 BEST_METRICS = ("loss", "accuracy", "exact_match")  # the eval metrics every objective reports
+PARAM_GROUPS = ("embeddings", "blocks", "head")  # see jaxformer/training/finetune.py
+FINETUNE_MODES = ("full", "head_only")
 
 
 class ConfigError(ValueError):
@@ -342,6 +344,63 @@ class SamplingConfig:
 
 
 @dataclass
+class LrMultipliers:
+    """Per-group factors on optim.lr (the whole schedule scales)."""
+
+    embeddings: float = 1.0
+    blocks: float = 1.0
+    head: float = 1.0
+
+
+@dataclass
+class FinetuneConfig:
+    """Transfer learning (jaxformer/transfer.py, jaxformer/training/finetune.py). Parameter groups:
+    embeddings (token table, which the decoder's LM head reuses; positions; token types),
+    blocks (the layer stacks and their final norms), head (classifier, masked-LM head)."""
+
+    init_from: Optional[str] = None  # a jaxformer run dir or a Hugging Face folder (BERT, GPT-2)
+    init_step: Optional[int] = None  # run-dir checkpoint step; None: the latest
+    allow_shape_mismatch: bool = False  # re-initialise (and report) params whose shape differs
+    mode: str = "full"  # full | head_only (embeddings and blocks frozen)
+    freeze: list[str] = field(default_factory=list)  # groups frozen: embeddings, blocks, head
+    freeze_lower_blocks: int = 0  # the lowest N blocks of every stack are frozen
+    lr_multipliers: LrMultipliers = field(default_factory=LrMultipliers)
+
+    def __post_init__(self) -> None:
+        _check_choice("finetune", self, "mode", FINETUNE_MODES)
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ConfigError("finetune.init_from is empty: give a run dir or a Hugging Face "
+                              "folder, or null to start from scratch")
+        unknown = [name for name in self.freeze if name not in PARAM_GROUPS]
+        if unknown:
+            raise ConfigError(f"finetune.freeze names {', '.join(map(repr, unknown))}, which is no "
+                              f"parameter group: choose from {', '.join(PARAM_GROUPS)}")
+        if len(set(self.freeze)) != len(self.freeze):
+            raise ConfigError(f"finetune.freeze={list(self.freeze)} repeats a group")
+        if self.freeze_lower_blocks < 0:
+            raise ConfigError(f"finetune.freeze_lower_blocks={self.freeze_lower_blocks} must be >= 0")
+        if self.init_step is not None and self.init_step < 0:
+            raise ConfigError(f"finetune.init_step={self.init_step} must be >= 0 (or null for the "
+                              "latest checkpoint)")
+        for group in PARAM_GROUPS:
+            if not getattr(self.lr_multipliers, group) > 0:
+                raise ConfigError(
+                    f"finetune.lr_multipliers.{group}={getattr(self.lr_multipliers, group)} must "
+                    f"be > 0: freeze a group with finetune.freeze=[{group}] instead")
+
+    @property
+    def frozen_groups(self) -> tuple[str, ...]:
+        implied = ("embeddings", "blocks") if self.mode == "head_only" else ()
+        return tuple(g for g in PARAM_GROUPS if g in self.freeze or g in implied)
+
+    @property
+    def changes_optimizer(self) -> bool:
+        """False for plain training: the optimizer (and its checkpoint layout) stays as it was."""
+        return bool(self.frozen_groups or self.freeze_lower_blocks) or any(
+            getattr(self.lr_multipliers, group) != 1.0 for group in PARAM_GROUPS)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -349,6 +408,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     seed: int = 0
     name: str = "default"  # experiment name: the wandb group and the run dir's parent
 
@@ -374,6 +434,7 @@ def register_configs() -> None:
         ("model", ModelConfig), ("task", TaskConfig), ("optim", OptimConfig),
         ("trainer", TrainerConfig), ("logger", LoggerConfig), ("mesh", MeshConfig),
         ("sampling", SamplingConfig),
+        ("finetune", FinetuneConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
 

@@ -69,7 +69,7 @@ def eval_loss(eval_step: Callable, params: nnx.State, data: EvalSet, batch_size:
 @partial(jax.jit, static_argnames=("graphdef",))
 def _class_predictions(graphdef, state, tokens_bt, valid_bt):
     model = nnx.merge(graphdef, state)
-    return jnp.argmax(model.classify(model(tokens_bt, valid_bt), valid_bt), axis=-1)
+    return jnp.argmax(model.classify(model.hidden(tokens_bt, valid_bt), valid_bt), axis=-1)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))

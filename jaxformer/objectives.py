@@ -16,10 +16,13 @@ OBJECTIVES = ("clm", "seq2seq", "mlm", "classification", "vector_classification"
 Metrics = dict[str, jax.Array]
 
 
-def objective_for(kind: str, classification_task: bool) -> str:
-    """The objective a model family trains with on a task."""
+def objective_for(kind: str, classification_task: bool, num_classes: int = 0) -> str:
+    """The objective a model family trains with on a task. A decoder classifies (from its last
+    token) only when asked to with model.num_classes > 0; otherwise it generates the label."""
     if kind == "encoder":
         return "classification" if classification_task else "mlm"
+    if kind == "decoder" and classification_task and num_classes:
+        return "classification"
     return {"decoder": "clm", "encoder_decoder": "seq2seq", "mlp": "vector_classification"}[kind]
 
 
@@ -68,7 +71,7 @@ def model_loss(
         hidden_btd = model(batch["inputs"], batch["valid"], **kw)
         return token_loss(model.mlm_logits(hidden_btd), batch["targets"], batch["loss_mask"])
     if objective == "classification":
-        hidden_btd = model(batch["tokens"], batch["valid"], **kw)
+        hidden_btd = model.hidden(batch["tokens"], batch["valid"], **kw)
         return classification_loss(model.classify(hidden_btd, batch["valid"], **kw), batch["label"])
     if objective == "vector_classification":
         return classification_loss(model(batch["features"], **kw), batch["label"])

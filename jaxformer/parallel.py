@@ -115,6 +115,8 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
     def sharding(leaf):
         if not isinstance(leaf, nnx.Variable):
             return replicated(mesh)
+        if not jax.tree.leaves(leaf):  # no array: optax's MaskedNode for a frozen parameter
+            return leaf
         names = leaf.get_metadata("out_sharding", None)
         return leaf.replace(NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh)))
     return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

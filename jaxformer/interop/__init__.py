@@ -2,22 +2,25 @@
 
 - BERT folders -> Encoder: `load_hf_encoder`, `bert_to_encoder`, `bert_config_to_model_config`
 - GPT-2 <-> Decoder: `load_hf_decoder`, `gpt2_to_decoder`, `decoder_to_gpt2`, `save_hf_decoder`
+- `read_hf_encoder` / `read_hf_decoder`: (config, the params a folder holds, tokenizer), no model
 - torch.nn.Transformer -> EncoderDecoder: `torch_transformer_to_encoder_decoder`
 Anything that does not map raises `InteropError` (a ValueError) with one line naming the field.
 """
 
-from jaxformer.interop.bert import bert_config_to_model_config, bert_to_encoder, load_hf_encoder
+from jaxformer.interop.bert import (
+    bert_config_to_model_config, bert_to_encoder, load_hf_encoder, read_hf_encoder,
+)
 from jaxformer.interop.gpt2 import (
     decoder_to_gpt2, gpt2_config_to_model_config, gpt2_to_decoder, load_hf_decoder,
-    model_config_to_gpt2_config, save_hf_decoder,
+    model_config_to_gpt2_config, read_hf_decoder, save_hf_decoder,
 )
 from jaxformer.interop.params import InteropError
 from jaxformer.interop.torch_transformer import torch_transformer_to_encoder_decoder
 
 __all__ = [
     "InteropError",
-    "bert_config_to_model_config", "bert_to_encoder", "load_hf_encoder",
+    "bert_config_to_model_config", "bert_to_encoder", "load_hf_encoder", "read_hf_encoder",
     "decoder_to_gpt2", "gpt2_config_to_model_config", "gpt2_to_decoder", "load_hf_decoder",
-    "model_config_to_gpt2_config", "save_hf_decoder",
+    "model_config_to_gpt2_config", "read_hf_decoder", "save_hf_decoder",
     "torch_transformer_to_encoder_decoder",
 ]

@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 
 from jaxformer.config import ModelConfig
 from jaxformer.interop.params import (
-    HF_ACTIVATIONS, InteropError, Link, linear, make_config, model_from_tensors, norm, require,
+    HF_ACTIVATIONS, InteropError, Link, linear, make_config, model_from_params, norm,
+    params_from_tensors, require,
 )
 from jaxformer.interop.safetensors_io import (
     read_hf_config, read_safetensors, require_file, weight_files,
@@ -29,6 +30,7 @@ from jaxformer.models.encoder import Encoder
 IGNORED = (r"embeddings\.position_ids|pooler\..*|cls\.seq_relationship\..*"
            r"|cls\.predictions\.decoder\..*")
 MLM_BIAS = "cls.predictions.bias"
+NEW_HEADS = ("mlm_head.", "classifier.")  # freshly initialised where the checkpoint lacks them
 
 
 def bert_config_to_model_config(hf_config: dict, origin: str = "config.json",
@@ -94,27 +96,42 @@ def canonical_bert_names(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.n
     return renamed
 
 
+def bert_params(state_dict: Mapping[str, np.ndarray], hf_config: dict, *,
+                origin: str = "BERT checkpoint", **overrides) -> tuple[ModelConfig, dict]:
+    """(Encoder config, the params the checkpoint holds: dotted paths -> numpy arrays). The MLM
+    head is among them only when the checkpoint has one (BertForMaskedLM)."""
+    cfg = bert_config_to_model_config(hf_config, origin, **overrides)
+    tensors = canonical_bert_names(state_dict)
+    links = bert_links(cfg, with_mlm_head=MLM_BIAS in tensors)
+    return cfg, params_from_tensors(cfg, tensors, links, origin=origin, out_in=True,
+                                    ignore=IGNORED)
+
+
 def bert_to_encoder(state_dict: Mapping[str, np.ndarray], hf_config: dict, *, seed: int = 0,
                     origin: str = "BERT checkpoint", **overrides) -> Encoder:
     """An Encoder holding a BERT checkpoint's weights (numpy state dict, HF names)."""
-    cfg = bert_config_to_model_config(hf_config, origin, **overrides)
-    tensors = canonical_bert_names(state_dict)
-    return model_from_tensors(
-        cfg, tensors, bert_links(cfg, with_mlm_head=MLM_BIAS in tensors), origin=origin,
-        out_in=True, ignore=IGNORED, keep_init=("mlm_head.", "classifier."), seed=seed,
-    )
+    cfg, params = bert_params(state_dict, hf_config, origin=origin, **overrides)
+    return model_from_params(cfg, params, origin=origin, keep_init=NEW_HEADS, seed=seed)
+
+
+def read_hf_encoder(model_dir: str | Path,
+                    **overrides) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer]:
+    """(Encoder config, the params the folder holds, tokenizer) of a BERT folder: config.json,
+    model.safetensors, tokenizer.json. Every check on the folder runs before weights are read."""
+    hf_config = read_hf_config(model_dir)
+    bert_config_to_model_config(hf_config, f"{model_dir}/config.json", **overrides)
+    files = weight_files(model_dir)
+    tokenizer_path = require_file(model_dir, "tokenizer.json", "the Hugging Face tokenizers file")
+    cfg, params = bert_params(read_safetensors(files), hf_config, origin=str(model_dir),
+                              **overrides)
+    return cfg, params, Tokenizer.from_file(str(tokenizer_path))
 
 
 def load_hf_encoder(model_dir: str | Path, *, seed: int = 0,
                     **overrides) -> tuple[Encoder, Tokenizer]:
     """(Encoder, tokenizer) from a BERT folder: config.json, model.safetensors, tokenizer.json.
 
-    The tokenizer is returned as stored (its own padding/truncation settings). Every check on the
-    folder and its config runs before any weight is read."""
-    hf_config = read_hf_config(model_dir)
-    bert_config_to_model_config(hf_config, f"{model_dir}/config.json", **overrides)
-    files = weight_files(model_dir)
-    tokenizer_path = require_file(model_dir, "tokenizer.json", "the Hugging Face tokenizers file")
-    model = bert_to_encoder(read_safetensors(files), hf_config, seed=seed, origin=str(model_dir),
-                            **overrides)
-    return model, Tokenizer.from_file(str(tokenizer_path))
+    The tokenizer is returned as stored (its own padding/truncation settings)."""
+    cfg, params, tokenizer = read_hf_encoder(model_dir, **overrides)
+    model = model_from_params(cfg, params, origin=str(model_dir), keep_init=NEW_HEADS, seed=seed)
+    return model, tokenizer

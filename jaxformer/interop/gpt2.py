@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from jaxformer.config import ModelConfig
 from jaxformer.interop.params import (
-    HF_ACTIVATIONS, InteropError, Link, linear, make_config, model_from_tensors, model_params, norm,
-    params_to_links, require,
+    HF_ACTIVATIONS, InteropError, Link, linear, make_config, model_from_params, model_params, norm,
+    params_from_tensors, params_to_links, require,
 )
 from jaxformer.interop.safetensors_io import (
     read_hf_config, read_safetensors, weight_files, write_hf_folder,
@@ -102,14 +103,21 @@ def gpt2_links(cfg: ModelConfig) -> list[Link]:
     ]
 
 
+def gpt2_params(state_dict: Mapping[str, np.ndarray], hf_config: dict, *,
+                origin: str = "GPT-2 checkpoint", **overrides) -> tuple[ModelConfig, dict]:
+    """(Decoder config, its params from a GPT-2 state dict with or without "transformer.")."""
+    cfg = gpt2_config_to_model_config(hf_config, origin, **overrides)
+    tensors = {key.removeprefix(PREFIX): value for key, value in state_dict.items()}
+    return cfg, params_from_tensors(cfg, tensors, gpt2_links(cfg), origin=origin, out_in=False,
+                                    ignore=IGNORED)
+
+
 def gpt2_to_decoder(state_dict: Mapping[str, np.ndarray], hf_config: dict, *, seed: int = 0,
                     origin: str = "GPT-2 checkpoint", **overrides) -> Decoder:
     """A Decoder holding a GPT-2 checkpoint's weights (numpy state dict, with or without the
     "transformer." prefix). `overrides`: run-time switches (e.g. scan_layers=False)."""
-    cfg = gpt2_config_to_model_config(hf_config, origin, **overrides)
-    tensors = {key.removeprefix(PREFIX): value for key, value in state_dict.items()}
-    return model_from_tensors(cfg, tensors, gpt2_links(cfg), origin=origin, out_in=False,
-                              ignore=IGNORED, seed=seed)
+    cfg, params = gpt2_params(state_dict, hf_config, origin=origin, **overrides)
+    return model_from_params(cfg, params, origin=origin, seed=seed)
 
 
 def decoder_to_gpt2(model: Decoder, cfg: ModelConfig) -> tuple[dict[str, np.ndarray], dict]:
@@ -121,13 +129,24 @@ def decoder_to_gpt2(model: Decoder, cfg: ModelConfig) -> tuple[dict[str, np.ndar
     return {PREFIX + key: value for key, value in tensors.items()}, hf_config
 
 
+def read_hf_decoder(model_dir: str | Path,
+                    **overrides) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer | None]:
+    """(Decoder config, its params, the folder's tokenizer.json if any) of a GPT-2 folder
+    (config.json + model.safetensors). Checks run before weights are read."""
+    hf_config = read_hf_config(model_dir)
+    gpt2_config_to_model_config(hf_config, f"{model_dir}/config.json", **overrides)
+    files = weight_files(model_dir)
+    cfg, params = gpt2_params(read_safetensors(files), hf_config, origin=str(model_dir),
+                              **overrides)
+    tokenizer_path = Path(model_dir) / "tokenizer.json"
+    return cfg, params, Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
+
+
 def load_hf_decoder(model_dir: str | Path, *, seed: int = 0, **overrides) -> Decoder:
     """A Decoder from a GPT-2 folder (config.json + model.safetensors); the ModelConfig is
     `gpt2_config_to_model_config(json.load(config.json))`. Checks run before weights are read."""
-    hf_config = read_hf_config(model_dir)
-    gpt2_config_to_model_config(hf_config, f"{model_dir}/config.json", **overrides)
-    tensors = read_safetensors(weight_files(model_dir))
-    return gpt2_to_decoder(tensors, hf_config, seed=seed, origin=str(model_dir), **overrides)
+    cfg, params, _ = read_hf_decoder(model_dir, **overrides)
+    return model_from_params(cfg, params, origin=str(model_dir), seed=seed)
 
 
 def save_hf_decoder(model: Decoder, cfg: ModelConfig, out_dir: str | Path, tokenizer=None) -> Path:

@@ -189,13 +189,29 @@ def fresh_params(cfg: ModelConfig, seed: int, prefixes: tuple[str, ...]) -> dict
     return init()
 
 
+def params_from_tensors(
+    cfg: ModelConfig, tensors: Mapping[str, np.ndarray], links: Sequence[Link], *, origin: str,
+    out_in: bool, ignore: str = "",
+) -> dict[str, np.ndarray]:
+    """The params of `cfg` that checkpoint `tensors` fill through `links` (dotted paths, checked
+    shapes); params no link fills are absent."""
+    shapes = param_shapes(nnx.eval_shape(lambda: build_model(cfg, 0)))  # shapes only
+    return links_to_params(tensors, links, shapes, origin=origin, out_in=out_in, ignore=ignore)
+
+
+def model_from_params(cfg: ModelConfig, params: Mapping[str, np.ndarray], *, origin: str,
+                      keep_init: tuple[str, ...] = (), seed: int = 0) -> nnx.Module:
+    """The model of `cfg` holding `params`; params under `keep_init` (heads or embeddings the
+    checkpoint lacks) are freshly initialised from `seed` unless given."""
+    model = nnx.eval_shape(lambda: build_model(cfg, seed))  # nothing allocated yet
+    return assign_params(model, {**fresh_params(cfg, seed, keep_init), **params}, origin=origin)
+
+
 def model_from_tensors(
     cfg: ModelConfig, tensors: Mapping[str, np.ndarray], links: Sequence[Link], *, origin: str,
     out_in: bool, ignore: str = "", keep_init: tuple[str, ...] = (), seed: int = 0,
 ) -> nnx.Module:
     """The model of `cfg` filled from checkpoint `tensors` through `links`; params under `keep_init`
-    (heads or embeddings the checkpoint lacks) are freshly initialised from `seed`."""
-    model = nnx.eval_shape(lambda: build_model(cfg, seed))  # shapes only: nothing allocated yet
-    params = links_to_params(tensors, links, param_shapes(model), origin=origin, out_in=out_in,
-                             ignore=ignore)
-    return assign_params(model, {**fresh_params(cfg, seed, keep_init), **params}, origin=origin)
+    are freshly initialised from `seed` where the checkpoint lacks them."""
+    params = params_from_tensors(cfg, tensors, links, origin=origin, out_in=out_in, ignore=ignore)
+    return model_from_params(cfg, params, origin=origin, keep_init=keep_init, seed=seed)

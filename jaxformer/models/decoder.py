@@ -1,4 +1,5 @@
-"""GPT-like decoder: token embedding + positions, causal blocks, final norm, tied LM head.
+"""GPT-like decoder: token embedding + positions, causal blocks, final norm, tied LM head; with
+model.num_classes > 0 also a sequence classifier on the last non-padding token.
 
 Decoding (`init_cache`, `decode_fn`) runs the same blocks over a KV cache: tokens carry their
 absolute positions, so learned, sinusoidal and rope positions are those of the full forward.
@@ -15,6 +16,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import cache_mask, causal_mask, combine_masks, padding_mask
 from jaxformer.models.blocks import DecodeCache, LayerStack
+from jaxformer.models.heads import ClassificationHead, Classifies
 from jaxformer.models.layers import Embed, Embeddings, make_norm, positions_like
 
 
@@ -24,13 +26,15 @@ def require_vocab(cfg: ModelConfig) -> int:
     return cfg.vocab_size
 
 
-class Decoder(nnx.Module):
+class Decoder(Classifies, nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.max_len = cfg.max_len
         self.embed = Embed(require_vocab(cfg), cfg.d_model, cfg, rngs=rngs)
         self.embeddings = Embeddings(cfg, rngs=rngs)
         self.stack = LayerStack(cfg, cfg.n_layers, rngs=rngs)
         self.final_norm = make_norm(cfg, rngs=rngs) if cfg.use_final_norm else None
+        self.classifier = (ClassificationHead(cfg, pooling="last", rngs=rngs)
+                           if cfg.num_classes else None)
 
     def hidden(
         self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, *,

@@ -11,6 +11,7 @@ from jaxformer.config import ModelConfig
 from jaxformer.models.attention import padding_mask
 from jaxformer.models.blocks import LayerStack
 from jaxformer.models.decoder import require_vocab
+from jaxformer.models.heads import ClassificationHead, Classifies
 from jaxformer.models.layers import (
     ACTIVATION_FNS, Embed, Embeddings, axes, dense, layer_norm, make_norm, positions_like,
 )
@@ -31,30 +32,7 @@ class MLMHead(nnx.Module):
         return (embed.attend(h_btd) + self.bias[...]).astype(jnp.float32)
 
 
-class ClassificationHead(nnx.Module):
-    """Pools the sequence (cls: first token through a tanh dense 'pooler', as BERT; mean: the mean
-    of the valid positions), then dropout and a linear layer to `num_classes` logits."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.pooling = cfg.pooling
-        self.pooler = (dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, bias=True)
-                       if cfg.pooling == "cls" else None)
-        self.dropout = nnx.Dropout(cfg.dropout)
-        self.out = dense(cfg, cfg.d_model, cfg.num_classes, rngs=rngs, bias=True,
-                         names=("embed", "classes"))
-
-    def __call__(self, x_btd: jax.Array, valid_bt: jax.Array | None, **dropout_kw) -> jax.Array:
-        if self.pooler is not None:
-            pooled_bd = jnp.tanh(self.pooler(x_btd[:, 0]))
-        else:
-            weights_bt = (jnp.ones(x_btd.shape[:2]) if valid_bt is None else valid_bt).astype(x_btd.dtype)
-            pooled_bd = jnp.einsum("btd,bt->bd", x_btd, weights_bt) / jnp.maximum(
-                weights_bt.sum(axis=1, keepdims=True), 1.0
-            )
-        return self.out(self.dropout(pooled_bd, **dropout_kw)).astype(jnp.float32)
-
-
-class Encoder(nnx.Module):
+class Encoder(Classifies, nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.max_len = cfg.max_len
         self.embed = Embed(require_vocab(cfg), cfg.d_model, cfg, rngs=rngs)
@@ -77,15 +55,10 @@ class Encoder(nnx.Module):
         x_btd = self.stack(x_btd, mask, positions_bt, **dropout_kw)
         return x_btd if self.final_norm is None else self.final_norm(x_btd)
 
+    def hidden(self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, **kw) -> jax.Array:
+        """Final hidden states, as the decoder names them (so objectives treat both alike)."""
+        return self(tokens_bt, valid_bt, **kw)
+
     def mlm_logits(self, hidden_btd: jax.Array) -> jax.Array:
         """Masked-LM logits (B, T, vocab), float32."""
         return self.mlm_head(hidden_btd, self.embed)
-
-    def classify(
-        self, hidden_btd: jax.Array, valid_bt: jax.Array | None = None, *,
-        deterministic: bool = True, rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
-        """Class logits (B, num_classes), float32."""
-        if self.classifier is None:
-            raise ValueError("this encoder has no classification head: set model.num_classes > 0")
-        return self.classifier(hidden_btd, valid_bt, deterministic=deterministic, rngs=rngs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import time
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from jaxformer.parallel import (
 from jaxformer.run_info import run_metadata
 from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker
 from jaxformer.training.checkpoint import Checkpointer, check_compatible
-from jaxformer.training.optim import make_optimizer, make_schedule
+from jaxformer.training.finetune import make_train_optimizer
+from jaxformer.training.init_from import apply_init, plan_init
+from jaxformer.training.optim import make_schedule
 from jaxformer.training.preemption import Preempted, SaveTriggers
 from jaxformer.training.run_dir import RunLock, check_writable, read_finished, write_finished
 from jaxformer.training.state import count_params, init_train_state, state_layout
@@ -48,11 +51,15 @@ class TrainResult:
     eval_metrics: dict[str, float]
     samples: list[tuple[str, str, str, bool]]  # (prompt, completion, expected, correct)
     already_finished: bool = False  # the run dir held a finished run: nothing was recomputed
+    init_report: list[str] | None = None  # what finetune.init_from loaded (None: nothing)
 
     def record(self) -> dict:
         """What the finished marker keeps, so a relaunch can report without recomputing."""
         return {"step": self.step, "objective": self.objective, "wandb_dir": self.wandb_dir,
                 "eval_metrics": self.eval_metrics, "samples": self.samples}
+
+
+log = logging.getLogger(__name__)
 
 
 def finished_result(run_dir: Path, record: dict) -> TrainResult:
@@ -95,7 +102,11 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         check_writable(run_dir)
     mesh = make_mesh(cfg.mesh)
     task = build_task(cfg.task)
-    objective = objective_for(cfg.model.kind, task.num_classes > 0)
+    objective = objective_for(cfg.model.kind, task.num_classes > 0, cfg.model.num_classes)
+    if cfg.model.kind == "decoder" and cfg.model.num_classes and objective != "classification":
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} adds a classifier to the "
+                          f"decoder, but task {task.cfg.name} is not a classification task: use "
+                          "task=is_sorted or model.num_classes=0")
     vector_task = task.tokenizer is None
     model_cfg = resolve_model_config(
         cfg.model, None if vector_task else task.tokenizer.get_vocab_size(),
@@ -197,9 +208,15 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
 
     if trainer.compilation_cache_dir:
         use_compilation_cache(trainer.compilation_cache_dir)
-    tx = make_optimizer(cfg.optim, trainer.steps)
+    tx = make_train_optimizer(cfg.optim, cfg.finetune, model_cfg, trainer.steps)
     schedule = make_schedule(cfg.optim, trainer.steps)
     layout = state_layout(model_cfg, tx, cfg.seed, mesh)  # shapes + shardings, no arrays yet
+    init_plan = None
+    if cfg.finetune.init_from and latest is not None:
+        log.info("resuming %s from step %d: finetune.init_from=%s is ignored",
+                 run_dir, latest[0], cfg.finetune.init_from)
+    elif cfg.finetune.init_from:  # read and matched before anything compiles
+        init_plan = plan_init(cfg.finetune, model_cfg, task.tokenizer, layout.abstract.params)
     graphdef, rest = layout.graphdef, layout.rest
     shardings = StepShardings(layout.shardings, batch_sharding(mesh), replicated(mesh))
     data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed,
@@ -211,12 +228,15 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
         data_iter.set_state(data_state)
     else:
         state = init_train_state(model_cfg, tx, cfg.seed, layout.shardings)
+        if init_plan is not None:
+            state = apply_init(state, init_plan)
     start_step = int(state.step)
 
     n_params = count_params(state.params)
     config = {
         **to_dict(cfg), "model": to_dict(model_cfg), "n_params": n_params,
         "job_name": job_name, "objective": objective, **run_metadata(),
+        **({"init_from": init_plan.report()} if init_plan else {}),
     }
     tracker, wandb_dir = make_tracker(cfg, run_dir, start_step, config)
     meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective}
@@ -321,5 +341,6 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
         checkpointer.close()
         tracker.finish()
     return TrainResult(run_dir, run_dir / "metrics.jsonl", wandb_dir, int(state.step), objective,
-                       eval_metrics, samples)
+                       eval_metrics, samples,
+                       init_report=init_plan.report() if init_plan else None)
 
