@@ -1,5 +1,12 @@
 """Benchmarks that print ONE JSON object on stdout: `python scripts/bench.py SUBCOMMAND [options]`.
 
+    train     tokens/s of the jitted train step (forward, backward, AdamW) after compile, median
+              over --steps; MFU against a measured float32 matmul peak; compile time; memory.
+              --shape bench-small|gpt2-124m --model decoder|encoder|encoder_decoder; --peer also
+              times the PyTorch peer (HF GPT2LMHeadModel, BertForMaskedLM, torch.nn.Transformer)
+              in the same process, so the output carries the ratio (scripts/bench_train.py)
+    peer      the peer alone
+
     compile   lower + compile time of the jitted train step as depth grows, scanned vs unrolled;
               defaults: decoder, d_model 256, 4 heads, d_ff 1024, context 128, batch 8, vocab 64,
               AdamW, causal-LM loss; depths 2 and 32 for both scan_layers=true and false
@@ -37,6 +44,8 @@ from jaxformer.sampling import generate
 from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.training.state import create_train_state, split_model
 from jaxformer.training.step import make_train_step
+
+import bench_train  # noqa: E402 (scripts/ is on sys.path: this file's folder)
 
 # Compile times must be cold: no persistent cache may answer for XLA.
 jax.config.update("jax_enable_compilation_cache", False)
@@ -233,8 +242,13 @@ def add_sample_options(parser: argparse.ArgumentParser) -> None:
                         help="also time transformers' GPT-2 generate() (PyTorch CPU)")
 
 
-# name -> (help, add_options, run); train / peer benchmarks slot in here
+# name -> (help, add_options, run)
 SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], dict]]] = {
+    "train": ("train-step tokens/s, MFU, compile time and memory of a model family "
+              "(--peer: and its PyTorch peer's, in the same run)",
+              bench_train.add_train_options, bench_train.train_command),
+    "peer": ("the PyTorch peer's train-step tokens/s alone (HF GPT-2, BertForMaskedLM, "
+             "torch.nn.Transformer)", bench_train.add_train_options, bench_train.peer_command),
     "compile": ("train-step compile time vs depth, scanned and unrolled",
                 add_compile_options, compile_bench),
     "sample": ("KV-cache sampling tokens/s, and transformers' GPT-2 generate() for scale",

@@ -44,6 +44,31 @@ def test_sample_bench_prints_one_json_object():
     assert "hf_tokens_per_s" not in result  # --no-peer: transformers is not run
 
 
+def test_train_bench_with_its_peer_prints_one_json_object():
+    done = run_bench("train", "--shape", "tiny", "--model", "encoder_decoder", "--steps", "2",
+                     "--peer")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["bench"] == "train" and result["shape"] == "tiny" and result["batch"] == 4
+    assert {"train_tokens_per_s", "mfu", "compile_s", "peak_memory_mb"} <= set(result)
+    assert 0 < result["mfu"] < 1 and result["peak_flops"] > 0 and result["compile_s"] > 0
+    assert result["peer"] == "Seq2Seq" and result["peer_tokens_per_s"] > 0
+    assert result["speedup_over_peer"] == round(result["train_tokens_per_s"]
+                                                / result["peer_tokens_per_s"], 2)
+
+
+def test_flops_per_token_by_hand():
+    """bench-small decoder: 6 x (4 blocks of 4d^2 + 2df, plus the d x V head) + 6 L T d."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_train import SHAPES, flops_per_token
+
+    d, f, v, n, t = 256, 1024, 8192, 4, 256
+    assert flops_per_token("decoder", SHAPES["bench-small"]) == 6 * (n * (4 * d * d + 2 * d * f)
+                                                                     + d * v) + 6 * n * t * d
+    assert flops_per_token("encoder", SHAPES["bench-small"]) == 6 * (n * (4 * d * d + 2 * d * f)
+                                                                     + d * d + d * v) + 12 * n * t * d
+
+
 def test_unknown_subcommand_is_refused():
     done = run_bench("nope")
     assert done.returncode == 2 and "invalid choice: 'nope'" in done.stderr

@@ -1,0 +1,307 @@
+"""Train-step benchmarks for scripts/bench.py: `train` (jaxformer), `peer` (PyTorch peers), both
+on the same shapes, plus the machine's measured matmul peak that MFU is taken against.
+
+Shapes (`--shape`): bench-small (vocab 8192, d_model 256, 4 layers, 4 heads, d_ff 1024, context
+256, batch 16) for CPUs; gpt2-124m (vocab 50257, d_model 768, 12 layers, 12 heads, d_ff 3072,
+context 1024, batch 8) for accelerators; tiny, for smoke tests. Each family is built in its peer's layout so both sides
+compute the same function: decoder = GPT-2 (pre-LN, tanh GELU, learned positions, tied head),
+encoder = BERT for masked LM (post-LN, embedding LayerNorm, exact GELU, MLM transform + tied head),
+encoder-decoder = torch.nn.Transformer (post-LN, ReLU, final norms) with embeddings and a tied head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformer.config import MeshConfig, ModelConfig, OptimConfig
+from jaxformer.parallel import make_mesh
+from jaxformer.training.optim import make_optimizer, make_schedule
+from jaxformer.training.state import init_train_state, state_layout
+from jaxformer.training.step import make_train_step
+
+FAMILIES = ("decoder", "encoder", "encoder_decoder")
+OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    vocab: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    context: int
+    batch: int
+
+
+SHAPES = {
+    "bench-small": Shape(vocab=8192, d_model=256, n_layers=4, n_heads=4, d_ff=1024, context=256,
+                         batch=16),
+    "gpt2-124m": Shape(vocab=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, context=1024,
+                       batch=8),
+    "tiny": Shape(vocab=64, d_model=32, n_layers=2, n_heads=2, d_ff=64, context=16, batch=4),
+}
+
+
+def model_config(family: str, shape: Shape, dtype: str = "float32") -> ModelConfig:
+    """The jaxformer model that computes what the family's PyTorch peer computes."""
+    common = dict(kind=family, vocab_size=shape.vocab, max_len=shape.context,
+                  d_model=shape.d_model, n_heads=shape.n_heads, n_layers=shape.n_layers,
+                  d_ff=shape.d_ff, dropout=0.0, dtype=dtype, positions="learned")
+    layouts = {
+        "decoder": dict(activation="gelu_tanh", norm="pre", layer_norm_eps=1e-5),
+        "encoder": dict(activation="gelu", norm="post", embed_norm=True, final_norm=False,
+                        type_vocab_size=2, layer_norm_eps=1e-12),
+        "encoder_decoder": dict(activation="relu", norm="post", final_norm=True,
+                                layer_norm_eps=1e-5),
+    }
+    return ModelConfig(**common, **layouts[family])
+
+
+# -- FLOPs ----------------------------------------------------------------------------------------
+def matmul_params(family: str, shape: Shape) -> int:
+    """Weights that take part in a matmul for every token (embedding lookups do not; the tied
+    output head does). The encoder-decoder's decoder side (cross-attention included) is counted
+    per target token and its encoder per source token, hence the split."""
+    d, f, v, n = shape.d_model, shape.d_ff, shape.vocab, shape.n_layers
+    block = 4 * d * d + 2 * d * f  # q, k, v, out + the MLP
+    if family == "decoder":
+        return n * block + d * v
+    if family == "encoder":
+        return n * block + d * d + d * v  # + MLM transform and head
+    raise ValueError("encoder_decoder counts its two sides apart: see flops_per_token")
+
+
+def flops_per_token(family: str, shape: Shape) -> float:
+    """Training FLOPs per (target) token: 6 x matmul weights (forward 2, backward 4) plus the
+    attention scores and weighted sums, 12 x layers x context x d_model, halved where causal."""
+    d, t, n = shape.d_model, shape.context, shape.n_layers
+    if family == "decoder":
+        return 6 * matmul_params(family, shape) + 12 * n * t * d / 2
+    if family == "encoder":
+        return 6 * matmul_params(family, shape) + 12 * n * t * d
+    # encoder-decoder: source and target of `context` tokens each, counted per target token
+    block = 4 * d * d + 2 * d * shape.d_ff
+    encoder = 6 * n * block + 12 * n * t * d
+    decoder = 6 * (n * (block + 4 * d * d) + d * shape.vocab) + 12 * n * t * d / 2 + 12 * n * t * d
+    return encoder + decoder
+
+
+def measured_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large float32 matmul on the default device: the ceiling MFU is measured
+    against (on an accelerator, the chip's bf16 peak would be the fairer one: pass --peak)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times)
+
+
+# -- batches --------------------------------------------------------------------------------------
+def random_batch(family: str, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch in the objective's format (jaxformer/data/pipeline.py) of random tokens."""
+    rng = np.random.default_rng(seed)
+    b, t, v = shape.batch, shape.context, shape.vocab
+    tokens = rng.integers(5, v, (b, t + 1), dtype=np.int32)
+    ones = np.ones((b, t + 1), np.float32)
+    if family == "decoder":
+        return {"tokens": tokens, "loss_mask": ones}
+    if family == "encoder":
+        masked = (rng.random((b, t)) < 0.15).astype(np.float32)
+        inputs = np.where(masked > 0, 4, tokens[:, :t]).astype(np.int32)  # 4 = <mask>
+        return {"inputs": inputs, "targets": tokens[:, :t], "loss_mask": masked,
+                "valid": ones[:, :t]}
+    return {"src": tokens[:, :t], "src_valid": ones[:, :t], "tgt": tokens, "loss_mask": ones}
+
+
+# -- jaxformer ------------------------------------------------------------------------------------
+def time_steps(step: Callable[[], object], steps: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(step())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(step())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def train_bench(family: str, shape: Shape, steps: int, peak: float, dtype: str = "float32",
+                scan_layers: bool = True) -> dict:
+    """Tokens/s of the jitted train step (forward, backward, AdamW; state donated) after
+    compile, median over `steps`; compile time; XLA's memory plan and the process's peak RSS."""
+    cfg = dataclasses.replace(model_config(family, shape, dtype), scan_layers=scan_layers)
+    optim = OptimConfig(warmup_steps=0)
+    tx, schedule = make_optimizer(optim, 10_000), make_schedule(optim, 10_000)
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])  # one device
+    layout = state_layout(cfg, tx, 0, mesh)
+    state = init_train_state(cfg, tx, 0, layout.shardings)
+    batch = {k: jnp.asarray(v) for k, v in random_batch(family, shape).items()}
+    train_step = make_train_step(layout.graphdef, layout.rest, tx, schedule, OBJECTIVE[family])
+
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics["loss"]
+
+    times = time_steps(step, steps)
+    tokens = shape.batch * shape.context
+    tokens_per_s = tokens / statistics.median(times)
+    flops = flops_per_token(family, shape)
+    result = {
+        "train_tokens_per_s": round(tokens_per_s, 1),
+        "step_ms": round(1e3 * statistics.median(times), 2),
+        "step_ms_min": round(1e3 * min(times), 2),
+        "mfu": round(flops * tokens_per_s / peak, 4),
+        "flops_per_token": flops, "compile_s": round(compile_s, 2),
+        "peak_memory_mb": round(peak_rss_mb(), 1),
+        "n_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
+    }
+    if memory is not None:  # XLA's plan: what the step needs beyond its inputs
+        result["xla_temp_mb"] = round(memory.temp_size_in_bytes / 2**20, 1)
+        result["xla_argument_mb"] = round(memory.argument_size_in_bytes / 2**20, 1)
+    device = jax.devices()[0]
+    if device.platform != "cpu" and (stats := device.memory_stats()):
+        result["peak_memory_mb"] = round(stats.get("peak_bytes_in_use", 0) / 2**20, 1)
+    return result
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# -- PyTorch peers --------------------------------------------------------------------------------
+def torch_peer(family: str, shape: Shape):
+    """(module, loss_fn(batch) -> loss) of the family's PyTorch peer, float32, dropout off."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if family == "decoder":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=shape.vocab, n_positions=shape.context, n_embd=shape.d_model,
+            n_layer=shape.n_layers, n_head=shape.n_heads, n_inner=shape.d_ff,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        return model, lambda b: model(input_ids=b["tokens"][:, :-1],
+                                      labels=b["tokens"][:, :-1]).loss
+    if family == "encoder":
+        from transformers import BertConfig, BertForMaskedLM
+
+        model = BertForMaskedLM(BertConfig(
+            vocab_size=shape.vocab, hidden_size=shape.d_model, num_hidden_layers=shape.n_layers,
+            num_attention_heads=shape.n_heads, intermediate_size=shape.d_ff,
+            max_position_embeddings=shape.context, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0))
+        return model, lambda b: model(input_ids=b["inputs"], attention_mask=b["valid"],
+                                      labels=torch.where(b["loss_mask"] > 0, b["targets"],
+                                                         -100)).loss
+
+    class Seq2Seq(nn.Module):  # nn.Transformer with the embeddings and tied head it lacks
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(shape.vocab, shape.d_model)
+            self.src_pos = nn.Embedding(shape.context, shape.d_model)
+            self.tgt_pos = nn.Embedding(shape.context, shape.d_model)
+            self.transformer = nn.Transformer(
+                shape.d_model, shape.n_heads, shape.n_layers, shape.n_layers, shape.d_ff,
+                dropout=0.0, batch_first=True)
+            self.mask = nn.Transformer.generate_square_subsequent_mask(shape.context)
+
+        def forward(self, src, tgt):
+            positions = torch.arange(shape.context)
+            hidden = self.transformer(self.embed(src) + self.src_pos(positions),
+                                      self.embed(tgt) + self.tgt_pos(positions),
+                                      tgt_mask=self.mask, tgt_is_causal=True)
+            return hidden @ self.embed.weight.T
+
+    model = Seq2Seq()
+    return model, lambda b: nn.functional.cross_entropy(
+        model(b["src"], b["tgt"][:, :-1]).flatten(0, 1), b["tgt"][:, 1:].flatten())
+
+
+def peer_bench(family: str, shape: Shape, steps: int, peak: float) -> dict:
+    """Tokens/s of the peer's training step (forward, backward, AdamW) on PyTorch CPU."""
+    import torch
+
+    model, loss_fn = torch_peer(family, shape)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = {k: torch.from_numpy(v).long() if v.dtype == np.int32 else torch.from_numpy(v)
+             for k, v in random_batch(family, shape).items()}
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    tokens_per_s = shape.batch * shape.context / statistics.median(times)
+    return {"peer": type(model).__name__, "peer_tokens_per_s": round(tokens_per_s, 1),
+            "peer_step_ms": round(1e3 * statistics.median(times), 2),
+            "peer_mfu": round(flops_per_token(family, shape) * tokens_per_s / peak, 4),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="bench-small")
+    parser.add_argument("--model", choices=FAMILIES, default="decoder")
+    parser.add_argument("--steps", type=int, default=10, help="median of this many steps")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peak", type=float, default=None,
+                        help="peak FLOP/s for MFU (default: a measured float32 matmul)")
+    parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time the PyTorch peer in the same run")
+
+
+def shape_info(args: argparse.Namespace) -> tuple[Shape, float, dict]:
+    shape = SHAPES[args.shape]
+    peak = args.peak or measured_peak_flops()
+    return shape, peak, {"shape": args.shape, **dataclasses.asdict(shape), "model": args.model,
+                         "peak_flops": round(peak), "peak": "given" if args.peak else
+                         "measured float32 2048^3 matmul", "steps": args.steps}
+
+
+def train_command(args: argparse.Namespace) -> dict:
+    shape, peak, info = shape_info(args)
+    result = {**info, "dtype": args.dtype, "scan_layers": args.scan_layers,
+              **train_bench(args.model, shape, args.steps, peak, args.dtype, args.scan_layers)}
+    if args.peer:
+        result.update(peer_bench(args.model, shape, args.steps, peak))
+        result["speedup_over_peer"] = round(result["train_tokens_per_s"]
+                                            / result["peer_tokens_per_s"], 2)
+    return result
+
+
+def peer_command(args: argparse.Namespace) -> dict:
+    shape, peak, info = shape_info(args)
+    return {**info, **peer_bench(args.model, shape, args.steps, peak)}
