@@ -23,8 +23,12 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 # Train the default decoder on 1-3 digit addition, evaluate held-out exact match, print samples.
+# A finished demo run is reused (its stored result is printed); `make clean` starts afresh.
+DEMO_DIR ?= outputs/demo
 demo: install
-	$(BIN)/python -m jaxformer.train experiment=quickstart $(RUN_ARGS)
+	$(BIN)/python -m jaxformer.train experiment=quickstart hydra.run.dir=$(DEMO_DIR) $(RUN_ARGS)
+	$(BIN)/python -m jaxformer.sample checkpoint=$(DEMO_DIR) prompt=123+456= \
+		sampling.temperature=1.0 sampling.num_samples=4
 
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
