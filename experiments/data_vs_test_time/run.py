@@ -76,26 +76,33 @@ def compose_config(config_name: str, overrides: list[str], hydra: bool = False):
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra)
 
 
-def sweep_jobs(experiment: str, overrides: list[str]) -> list[Job]:
-    """The jobs `python -m jaxformer.train -m experiment=EXPERIMENT OVERRIDES` runs, with their dirs."""
-    base = compose_config("train", [f"experiment={experiment}"], hydra=True)
+def sweep_overrides(experiment: str, overrides: list[str]) -> list[list[str]]:
+    """The overrides of each job `python -m jaxformer.train -m experiment=EXPERIMENT OVERRIDES`
+    runs: the experiment's hydra.sweeper.params, then the command line, as Hydra's basic sweeper."""
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+             if not o.is_sweep_override()]
+    base = compose_config("train", [f"experiment={experiment}", *fixed], hydra=True)
     sweeper = base.hydra.sweeper
-    if not sweeper._target_.endswith("BasicSweeper") or not sweeper.params:
-        raise ConfigError(f"experiment={experiment} does not sweep with hydra.sweeper.params: "
-                          "run.py needs a grid of training jobs (see data_vs_test_time_cpu.yaml)")
+    if not sweeper._target_.endswith("BasicSweeper"):
+        raise ConfigError(f"experiment={experiment} uses {sweeper._target_}: run.py expands "
+                          "Hydra's basic sweeper (hydra.sweeper.params) only")
     if "${now:" in OmegaConf.to_yaml(base.hydra.sweep, resolve=False):
         raise ConfigError(f"experiment={experiment} has a timestamped hydra.sweep.dir: fix it "
                           "(e.g. multirun/${name}/sweep) so a relaunch finds the same runs")
-    params = [f"{key}={value}" for key, value in sweeper.params.items()]
+    params = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
     parsed = OverridesParser.create().parse_overrides(params + overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def sweep_jobs(experiment: str, overrides: list[str]) -> list[Job]:
+    """The sweep's jobs with their run dirs (hydra.sweep.dir / hydra.sweep.subdir)."""
     jobs = []
-    for batch in BasicSweeper.split_arguments(parsed, None):
-        for job in batch:
-            cfg = compose_config("train", [f"experiment={experiment}", *job], hydra=True)
-            run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
-            with open_dict(cfg):
-                del cfg["hydra"]  # the job's own config, as the app receives it
-            jobs.append(Job(job, run_dir, to_train_config(cfg).trainer.steps))
+    for job in sweep_overrides(experiment, overrides):
+        cfg = compose_config("train", [f"experiment={experiment}", *job], hydra=True)
+        run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+        with open_dict(cfg):
+            del cfg["hydra"]  # the job's own config, as the app receives it
+        jobs.append(Job(job, run_dir, to_train_config(cfg).trainer.steps))
     if len({job.run_dir for job in jobs}) < len(jobs):
         raise ConfigError(f"experiment={experiment} gives several jobs the same dir: name "
                           "hydra.sweep.subdir by every swept key (e.g. D${task.train_size}-seed${seed})")
