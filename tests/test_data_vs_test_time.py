@@ -114,8 +114,12 @@ def test_iso_accuracy_slope_on_a_known_surface():
     assert fit.slope == pytest.approx(-1.5) and fit.r2 == pytest.approx(1.0)
     assert fit.k_factor(2) == pytest.approx(2 ** 1.5) and fit.k_factor(10) == pytest.approx(10 ** 1.5)
     assert tradeoff.fit_common_slope({0.5: [(16, 4.0)]}) is None  # no contour with two points
+    assert {round(slope, 6) for *_, slope in tradeoff.local_slopes(contours)} == {-1.5}
     gain, r2 = tradeoff.log_linear_fit(ks, curves[16][1])
     assert gain == pytest.approx(0.05) and r2 == pytest.approx(1.0)
+    # D=16 tops out at 0.35 at k=128: the line would reach 0.45 two doublings later
+    assert tradeoff.extrapolate_k(ks, curves[16][1], 0.45) == pytest.approx(512)
+    assert tradeoff.extrapolate_k(ks, curves[16][1], 0.9) is None  # beyond 64 x 128
 
 
 # -- the analysis on a synthetic sweep --------------------------------------------------------------

@@ -38,9 +38,9 @@ import figures  # noqa: E402
 import report  # noqa: E402
 from sweep import (  # noqa: E402
     STRATEGIES, Run, by_size, common_settings, inference_flops, load_sweep, mean_curves, mean_over,
-    pick_setting,
+    pick_setting, seed_range,
 )
-from tradeoff import fit_common_slope, iso_accuracy, k_to_reach  # noqa: E402
+from tradeoff import extrapolate_k, fit_common_slope, iso_accuracy, k_to_reach  # noqa: E402
 
 from jaxformer.config import ConfigError  # noqa: E402
 from jaxformer.selection import majority_at_k, pass_at_k  # noqa: E402
@@ -99,6 +99,8 @@ def matching_table(groups: dict[int, list[Run]], setting: str) -> list[dict]:
                     row[strategy] = k
                     if strategy == "pass":
                         row["max_k"] = ks[-1]
+                        row["pass_extrapolated"] = (extrapolate_k(ks, curve, target)
+                                                    if k is None else None)
                         row["extra_flops"] = (inference_flops(groups[d], setting, k)
                                               - inference_flops(groups[d], setting, 1)
                                               if k is not None else None)
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     label = runs[0].evaluations[setting].label
     greedy = {d: mean_over(m, lambda r: r.evaluations[setting].summary["greedy_accuracy"])
               for d, m in groups.items()}
-    figures.accuracy_vs_k({s: mean_curves(groups, setting, s) for s in STRATEGIES}, STRATEGIES,
+    figures.accuracy_vs_k({s: mean_curves(groups, setting, s) for s in STRATEGIES},
+                          {s: seed_range(groups, setting, s) for s in STRATEGIES}, STRATEGIES,
                           greedy, label, out / "accuracy_vs_k.png")
     shown = ("pass", "verifier_eps0.05")
     figures.iso_accuracy({s: mean_curves(groups, setting, s) for s in shown},

@@ -9,6 +9,7 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 ACCURACY_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
@@ -16,6 +17,12 @@ ACCURACY_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10))
 def save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=90)  # the constrained layout already fits the labels
+
+
+def _no_minor_labels(ax) -> None:
+    """Log axes label only the decades: minor labels (2x10^7, 3x10^7, ...) overlap."""
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def size_colors(sizes) -> dict:
@@ -32,20 +39,33 @@ def _log2_k_axis(ax, ks) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def accuracy_vs_k(curves: dict[str, dict], names: dict[str, str], greedy: dict[int, float],
-                  label: str, path: Path) -> None:
-    """One panel per strategy: accuracy vs log k, a line per D, greedy as a cross at k=1."""
+def panels(fig: Figure, count: int, columns: int):
+    """`count` axes in rows of `columns`, plus at least one spare one (for a legend), switched off."""
+    rows = -(-(count + 1) // columns)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.axis("off")
+    return axes[:count], axes[count:]
+
+
+def accuracy_vs_k(curves: dict[str, dict], bands: dict[str, dict], names: dict[str, str],
+                  greedy: dict[int, float], label: str, path: Path) -> None:
+    """One panel per strategy: accuracy vs log k, a line per D (seed mean; band: lowest to highest
+    seed), greedy as a cross at k=1."""
     colors = size_colors(greedy)
-    fig = Figure(figsize=(4.0 * len(curves), 3.4), layout="constrained")
-    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    fig = Figure(figsize=(12.5, 3.6 * -(-(len(curves) + 1) // 3)), layout="constrained")
+    axes, spare = panels(fig, len(curves), 3)
     for ax, (strategy, by_size) in zip(axes, curves.items()):
         for d, (ks, accuracy) in by_size.items():
             ax.plot(ks, accuracy, marker=".", color=colors[d], label=f"D={d}")
+            ax.fill_between(ks, *bands[strategy][d], color=colors[d], alpha=0.15, linewidth=0)
             ax.plot([1], [greedy[d]], marker="x", color=colors[d], linestyle="none")
         _log2_k_axis(ax, ks)
         ax.set_title(names[strategy], fontsize=9)
-    axes[0].set_ylabel("held-out accuracy (x: greedy)", fontsize=8)
-    axes[-1].legend(fontsize=7, title="unique training problems", title_fontsize=7)
+        ax.set_ylabel("held-out accuracy", fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    spare[0].legend(handles, labels, loc="center", fontsize=8,
+                    title="D (unique training problems); x: greedy")
     fig.suptitle(f"Accuracy vs samples per problem, a line per training-set size ({label})")
     save(fig, path)
 
@@ -99,12 +119,13 @@ def flops(pass_curves: dict, majority_curves: dict, greedy: dict, slopes: dict,
             ax.plot(flops_k, accuracy, marker=".", color=colors[d], label=f"D={d}")
             ax.plot(*greedy[d], marker="x", color=colors[d], linestyle="none")
         ax.set_xscale("log")
+        _no_minor_labels(ax)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
         ax.set_xlabel("inference FLOPs per problem (2N x tokens)", fontsize=8)
         ax.set_title(f"{name} (x: greedy)", fontsize=9)
     axes[0].set_ylabel("held-out accuracy", fontsize=8)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center right")
     ax = axes[2]
     fit = slopes["flops_fit"]
     level_colors = matplotlib.colormaps["plasma"]
@@ -119,6 +140,8 @@ def flops(pass_curves: dict, majority_curves: dict, greedy: dict, slopes: dict,
                     color=color, linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _no_minor_labels(ax)
+    ax.set_xticks(sorted(greedy), [str(d) for d in sorted(greedy)], fontsize=7)
     ax.grid(True, alpha=0.3)
     ax.set_xlabel("D (unique training problems)", fontsize=8)
     ax.set_ylabel("inference FLOPs per problem", fontsize=8)
@@ -172,16 +195,18 @@ def settings(curves: dict[tuple[str, str], dict], labels: dict[str, str], path: 
     names = list(labels)
     sizes = sorted(next(iter(curves.values())))
     cmap = matplotlib.colormaps["tab10"]
-    fig = Figure(figsize=(3.2 * len(sizes), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(sizes), squeeze=False)[0]
+    columns = min(4, len(sizes) + 1)
+    fig = Figure(figsize=(3.3 * columns, 3.0 * -(-(len(sizes) + 1) // columns)), layout="constrained")
+    axes, spare = panels(fig, len(sizes), columns)
     for ax, d in zip(axes, sizes):
         for i, setting in enumerate(names):
             for strategy, style in (("pass", "-"), ("majority", "--")):
                 ks, accuracy = curves[(setting, strategy)][d]
                 ax.plot(ks, accuracy, style, color=cmap(i), linewidth=1,
-                        label=f"{labels[setting]} {strategy}")
+                        label=f"{labels[setting]}: {strategy}@k")
         _log2_k_axis(ax, ks)
         ax.set_title(f"D={d}", fontsize=9)
-    axes[-1].legend(fontsize=6, loc="lower right")
-    fig.suptitle("Sampling settings: pass@k (solid) and majority@k (dashed)")
+    handles, labels_ = axes[0].get_legend_handles_labels()
+    spare[0].legend(handles, labels_, loc="center", fontsize=7)
+    fig.suptitle("Sampling settings: pass@k (solid) and majority@k (dashed), seed means")
     save(fig, path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from sweep import STRATEGIES, Run, inference_flops, mean_curves, mean_over
-from tradeoff import JONES_TEST_PER_10X_TRAIN, log_linear_fit
+from tradeoff import JONES_TEST_PER_10X_TRAIN, local_slopes, log_linear_fit
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -72,15 +72,27 @@ def contour_table(groups, slopes: dict, strategy: str) -> str:
     return table(["accuracy", *(f"k* at D={d}" for d in groups)], rows)
 
 
+def local_slope_table(slopes: dict) -> str:
+    rows = []
+    for strategy in ("pass", "verifier_eps0.05"):
+        contours = {float(a): p for a, p in slopes[strategy]["contours"].items()}
+        rows += [[STRATEGIES[strategy], f"{a:g}", f"{d1} -> {d2}", f"{s:.2f}",
+                  f"{(d2 / d1) ** -s:.3g}"] for a, d1, d2, s in local_slopes(contours)]
+    return table(["strategy", "accuracy", "D", "local slope", "k worth the step in D"], rows)
+
+
 def matching_rows(matches: list[dict]) -> str:
     rows = []
     for m in matches:
         extra = m["extra_flops"]
-        rows.append([f"{m['factor']}x: D={m['D']} vs {m['D_big']}", m["reference"], f"{m['target']:.3f}",
-                     *(fmt_k(m[s], m["max_k"]) for s in STRATEGIES),
+        guess = m["pass_extrapolated"]
+        rows.append([f"{m['factor']}x: D={m['D']} vs {m['D_big']}", m["reference"],
+                     f"{m['target']:.3f}", *(fmt_k(m[s], m["max_k"]) for s in STRATEGIES),
+                     "" if m["pass"] is not None else fmt(guess, ".3g", f"> {64 * m['max_k']}"),
                      fmt(extra, ".2e"), fmt(m["train_flops"] / extra if extra else None, ".3g")])
     return table(["data", "bigger D's", "accuracy", *STRATEGIES.values(),
-                  "extra inference FLOPs / problem (pass)", "problems until = training FLOPs"], rows)
+                  "pass@k extrapolated", "extra inference FLOPs / problem (pass)",
+                  "problems until = training FLOPs"], rows)
 
 
 def flops_table(groups, setting: str) -> str:
@@ -164,11 +176,14 @@ def write_summary(runs, groups, settings, setting, slopes, matches, bins, rates,
         "Common slope over the contours with two or more points (one intercept each); k worth "
         "f x data = f ** -slope; the FLOPs slope uses inference FLOPs per problem instead of k:", "",
         slope_table(slopes), "",
+        "Local slopes between neighbouring points of a contour:", "", local_slope_table(slopes), "",
         f"Jones (2021): 10x training compute saves ~{JONES_TEST_PER_10X_TRAIN:g}x test-time compute "
         f"(slope {-np.log10(JONES_TEST_PER_10X_TRAIN):.2f}).", "",
         "## The k that matches 2x and 10x data (measured pairs)", "",
         "k at which the smaller D reaches the bigger D's single-sample accuracy (pass@1, same "
-        f"setting) or greedy accuracy; `> {n}` = not reached with {n} samples:", "",
+        f"setting) or greedy accuracy; `> {n}` = not reached with {n} samples. Where pass@k falls "
+        "short, the line in log k through its last four points says how far it would go "
+        f"(an extrapolation, shown up to {64 * n}):", "",
         matching_rows(matches), "",
         "## FLOPs", "", flops_table(groups, setting), "",
         "Training FLOPs are equal across D (fixed steps): more data costs no training compute "

@@ -173,6 +173,13 @@ def mean_curves(groups: dict[int, list[Run]], setting: str, strategy: str) -> di
             for d, members in groups.items()}
 
 
+def seed_range(groups: dict[int, list[Run]], setting: str, strategy: str) -> dict[int, tuple]:
+    """{D: (lowest, highest) accuracy over the seeds at each k}."""
+    curves = {d: np.array([r.evaluations[setting].curve(strategy) for r in members])
+              for d, members in groups.items()}
+    return {d: (c.min(axis=0), c.max(axis=0)) for d, c in curves.items()}
+
+
 def mean_over(members: list[Run], value) -> float:
     return float(np.mean([value(run) for run in members]))
 

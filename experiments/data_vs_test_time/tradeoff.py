@@ -67,11 +67,13 @@ class SlopeFit:
         return data_factor ** -self.slope
 
 
-def fit_common_slope(contours: dict[float, list[tuple[int, float]]]) -> SlopeFit | None:
+def fit_common_slope(contours: dict[float, list[tuple[int, float]]],
+                     min_points: int = 3) -> SlopeFit | None:
     """Least squares log10 k = intercept(contour) + slope * log10 D over every contour with two or
-    more points (one slope, one intercept each); None when no contour has two points."""
+    more points (one slope, one intercept each); None with fewer than `min_points` such points
+    (two points always fit exactly: no evidence of a slope)."""
     groups = {a: np.log10(np.asarray(p, float)) for a, p in contours.items() if len(p) >= 2}
-    if not groups:
+    if sum(len(logs) for logs in groups.values()) < min_points:
         return None
     sxy = sxx = syy = 0.0
     means = {}
@@ -87,6 +89,23 @@ def fit_common_slope(contours: dict[float, list[tuple[int, float]]]) -> SlopeFit
     r2 = 1.0 - (syy - slope * sxy) / syy if syy > 0 else 1.0
     intercepts = {a: my - slope * mx for a, (mx, my) in means.items()}
     return SlopeFit(slope, intercepts, r2, sum(len(v) for v in groups.values()), len(groups))
+
+
+def local_slopes(contours: dict[float, list[tuple[int, float]]]) -> list[tuple[float, int, int, float]]:
+    """(accuracy, D1, D2, d log k / d log D) between neighbouring points of each contour: where
+    the common slope hides a trend, these show it."""
+    return [(a, d1, d2, float(np.log(k2 / k1) / np.log(d2 / d1)))
+            for a, points in contours.items() for (d1, k1), (d2, k2) in zip(points, points[1:])]
+
+
+def extrapolate_k(ks, accuracy, target: float, last: int = 4, max_factor: int = 64) -> float | None:
+    """Past the measured k: where the straight line in log k through the curve's `last` points
+    reaches `target`; None if that line does not rise or needs over max_factor x the largest k."""
+    gain, _ = log_linear_fit(ks[-last:], accuracy[-last:])
+    if gain <= 0:
+        return None
+    k = ks[-1] * 2.0 ** ((target - accuracy[-1]) / gain)
+    return float(k) if k <= max_factor * ks[-1] else None
 
 
 def log_linear_fit(ks, accuracy) -> tuple[float, float]:
