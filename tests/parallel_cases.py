@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-from conftest import replace, tiny_config
+from conftest import REPO, replace, tiny_config
 
 # family -> (model.kind, task)
 FAMILIES = {"decoder": ("decoder", "addition"), "encoder": ("encoder", "addition"),
@@ -21,7 +25,9 @@ def family_config(family: str, steps: int = 4, mesh: dict | None = None, **train
     """A tiny run of `family`: 2 heads and d_ff 64 split over tensor=2, batch 16 over 8 ways."""
     kind, task = FAMILIES[family]
     # no evaluation: the runs compare training losses, and 8-device eval compiles are costly
-    cfg = tiny_config(steps=steps, log_every=1, eval_every=0, checkpoint_every=2,
+    # one checkpoint, at the last step (the resume tests need no other): an 8-device save of
+    # replicated arrays costs seconds of slicing on CPU
+    cfg = tiny_config(steps=steps, log_every=1, eval_every=0, checkpoint_every=1000,
                       keep_checkpoints=5, num_samples=0, **trainer)
     # a constant learning rate: a 4-step run is then the first 4 steps of a 6-step run
     return replace(cfg, model={"kind": kind}, optim={"schedule": "constant", "warmup_steps": 0},
@@ -33,3 +39,20 @@ def read_losses(metrics_path: Path) -> dict[int, float]:
     """step -> train loss from a run's metrics.jsonl."""
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def multidevice_env(devices: int) -> dict:
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+
+def start_eight_device_runs() -> tuple[subprocess.Popen, Path]:
+    """tests/multidevice_runs.py in the background: (process, its output dir). Started when the
+    session begins (see conftest), its minute of work overlaps the other tests, whose mostly
+    single-threaded compiles leave a core free."""
+    out = Path(tempfile.mkdtemp(prefix="jaxformer-8dev-"))
+    log = (out / "log.txt").open("w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "multidevice_runs.py"),
+                             str(out / "runs")], env=multidevice_env(8), stdout=log,
+                            stderr=subprocess.STDOUT)
+    return proc, out

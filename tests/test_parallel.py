@@ -8,7 +8,6 @@ The multi-device runs happen in subprocesses with XLA_FLAGS=--xla_force_host_pla
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -20,18 +19,13 @@ from hydra import compose, initialize_config_dir
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from conftest import REPO, replace, run_module, tiny_config
-from parallel_cases import FAMILIES, MESHES, family_config, read_losses
+from parallel_cases import FAMILIES, MESHES, family_config, multidevice_env, read_losses
 from jaxformer.config import ConfigError, MeshConfig, register_configs
 from jaxformer.parallel import logical_to_spec, mesh_shape
 from jaxformer.training.loop import train
 
 register_configs()
 RTOL = 1e-5  # float32: sharded reductions sum in another order
-
-
-def multidevice_env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
 def assert_same_losses(actual: dict, expected: dict, what: str) -> None:
@@ -129,12 +123,11 @@ def single_device(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def eight_devices(tmp_path_factory):
-    out = tmp_path_factory.mktemp("eight")
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_runs.py"), str(out)],
-                          env=multidevice_env(8), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out, json.loads((out / "result.json").read_text())
+def eight_devices(request):
+    """(output dir, result.json) of tests/multidevice_runs.py, started at collection (conftest)."""
+    proc, out = request.config.eight_device_runs
+    assert proc.wait(timeout=900) == 0, (out / "log.txt").read_text()[-3000:]
+    return out / "runs", json.loads((out / "runs" / "result.json").read_text())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
