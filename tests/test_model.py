@@ -15,6 +15,7 @@ from jaxformer.config import ACTIVATIONS, INITS, NORMS, POSITIONS, ConfigError, 
 from jaxformer.models import build_model
 from jaxformer.models.attention import reference_attention
 from jaxformer.models.layers import apply_rope
+from jaxformer.objectives import first_argmax, token_loss
 from jaxformer.training.optim import decay_mask
 
 CFG = ModelConfig(vocab_size=17, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=12)
@@ -283,3 +284,11 @@ def test_decay_mask_skips_biases_and_scales_of_stacked_layers(families):
     assert not stacked[("decoder", "blocks", "mlp_branch", "norm", "scale")]
     for names, decay in decays.items():  # and the rule holds everywhere
         assert decay == (names[-1] not in ("bias", "scale")), names
+
+
+def test_first_argmax_is_argmax_ties_included_and_token_accuracy_uses_it():
+    logits = jnp.asarray(np.random.default_rng(0).integers(0, 3, (40, 6, 5)), jnp.float32)
+    np.testing.assert_array_equal(first_argmax(logits), jnp.argmax(logits, axis=-1))
+    targets = jnp.argmax(logits, axis=-1).at[:, 0].set(-1)  # first position always wrong
+    _, metrics = token_loss(logits, targets, jnp.ones(targets.shape))
+    assert float(metrics["accuracy"]) == pytest.approx(5 / 6)
