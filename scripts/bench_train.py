@@ -12,10 +12,15 @@ encoder-decoder = torch.nn.Transformer (post-LN, ReLU, final norms) with embeddi
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import gzip
+import json
+import os
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -141,7 +146,7 @@ def time_steps(step: Callable[[], object], steps: int, warmup: int = 2) -> list[
 
 
 def train_bench(family: str, shape: Shape, steps: int, peak: float, dtype: str = "float32",
-                scan_layers: bool = True) -> dict:
+                scan_layers: bool = True, profile_dir: str | None = None) -> dict:
     """Tokens/s of the jitted train step (forward, backward, AdamW; state donated) after
     compile, median over `steps`; compile time; XLA's memory plan and the process's peak RSS."""
     cfg = dataclasses.replace(model_config(family, shape, dtype), scan_layers=scan_layers)
@@ -176,6 +181,8 @@ def train_bench(family: str, shape: Shape, steps: int, peak: float, dtype: str =
         "peak_memory_mb": round(peak_rss_mb(), 1),
         "n_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
     }
+    if profile_dir:
+        result["profile"] = profile_steps(step, Path(profile_dir))
     if memory is not None:  # XLA's plan: what the step needs beyond its inputs
         result["xla_temp_mb"] = round(memory.temp_size_in_bytes / 2**20, 1)
         result["xla_argument_mb"] = round(memory.argument_size_in_bytes / 2**20, 1)
@@ -183,6 +190,33 @@ def train_bench(family: str, shape: Shape, steps: int, peak: float, dtype: str =
     if device.platform != "cpu" and (stats := device.memory_stats()):
         result["peak_memory_mb"] = round(stats.get("peak_bytes_in_use", 0) / 2**20, 1)
     return result
+
+
+PROFILE_STEPS = 3
+# per-op events on CPU need this before the backend starts (train_command sets it)
+CPU_OP_TRACING = "--xla_cpu_enable_xprof_traceme=true"
+
+
+def profile_steps(step: Callable[[], object], profile_dir: Path, top: int = 20) -> dict:
+    """A jax.profiler trace of PROFILE_STEPS steps in `profile_dir` (open it in Perfetto or
+    XProf) and the `top` XLA ops by time per step. On CPU, matmuls handed to XNNPACK run
+    without their own events: `traced_ms_per_step` less than the step is their share."""
+    with jax.profiler.trace(str(profile_dir), create_perfetto_trace=True):
+        for _ in range(PROFILE_STEPS):
+            jax.block_until_ready(step())
+    trace = max(profile_dir.rglob("*.trace.json.gz"), key=os.path.getmtime)
+    events = json.loads(gzip.open(trace).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    op_us: collections.Counter = collections.Counter()
+    for event in events:  # complete events of XLA ops; not Python frames or executor spans
+        name = event.get("name", "")
+        if event.get("ph") == "X" and not name.startswith(("$", "ThunkExecutor", "Pjit",
+                                                              "Slinky")):
+            op_us[name] += event["dur"]
+    per_step = {name: round(us / 1e3 / PROFILE_STEPS, 2) for name, us in op_us.most_common(top)}
+    return {"trace": str(trace), "traced_ms_per_step": round(sum(op_us.values()) / 1e3
+                                                                / PROFILE_STEPS, 1),
+            "top_ops_ms_per_step": per_step}
 
 
 def peak_rss_mb() -> float:
@@ -282,6 +316,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
                         help="peak FLOP/s for MFU (default: a measured float32 matmul)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=False,
                         help="also time the PyTorch peer in the same run")
+    parser.add_argument("--profile", metavar="DIR", default=None,
+                        help="also trace a few steps into DIR (jax.profiler) and list the "
+                             "slowest XLA ops in the JSON")
 
 
 def shape_info(args: argparse.Namespace) -> tuple[Shape, float, dict]:
@@ -293,9 +330,12 @@ def shape_info(args: argparse.Namespace) -> tuple[Shape, float, dict]:
 
 
 def train_command(args: argparse.Namespace) -> dict:
+    if args.profile:  # JAX has not started a backend yet: XLA still reads its flags
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_OP_TRACING}".strip()
     shape, peak, info = shape_info(args)
     result = {**info, "dtype": args.dtype, "scan_layers": args.scan_layers,
-              **train_bench(args.model, shape, args.steps, peak, args.dtype, args.scan_layers)}
+              **train_bench(args.model, shape, args.steps, peak, args.dtype, args.scan_layers,
+                            args.profile)}
     if args.peer:
         result.update(peer_bench(args.model, shape, args.steps, peak))
         result["speedup_over_peer"] = round(result["train_tokens_per_s"]

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -44,9 +45,9 @@ def test_sample_bench_prints_one_json_object():
     assert "hf_tokens_per_s" not in result  # --no-peer: transformers is not run
 
 
-def test_train_bench_with_its_peer_prints_one_json_object():
+def test_train_bench_with_its_peer_prints_one_json_object(tmp_path):
     done = run_bench("train", "--shape", "tiny", "--model", "encoder_decoder", "--steps", "2",
-                     "--peer")
+                     "--peer", "--profile", str(tmp_path / "trace"))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["bench"] == "train" and result["shape"] == "tiny" and result["batch"] == 4
@@ -55,6 +56,10 @@ def test_train_bench_with_its_peer_prints_one_json_object():
     assert result["peer"] == "Seq2Seq" and result["peer_tokens_per_s"] > 0
     assert result["speedup_over_peer"] == round(result["train_tokens_per_s"]
                                                 / result["peer_tokens_per_s"], 2)
+    profile = result["profile"]  # per-op times from a real trace, which stays on disk
+    assert Path(profile["trace"]).is_file() and profile["traced_ms_per_step"] > 0
+    assert len(profile["top_ops_ms_per_step"]) > 3
+    assert all(ms >= 0 for ms in profile["top_ops_ms_per_step"].values())
 
 
 def test_flops_per_token_by_hand():
