@@ -38,23 +38,6 @@ def tiny_config(**trainer_overrides) -> TrainConfig:
     )
 
 
-def pytest_collection_finish(session):
-    """Start the 8-device runs now if a selected test needs them (tests/test_parallel.py)."""
-    if any("eight_devices" in getattr(item, "fixturenames", ()) for item in session.items):
-        from parallel_cases import start_eight_device_runs
-
-        session.config.eight_device_runs = start_eight_device_runs()
-
-
-def pytest_sessionfinish(session):
-    if runs := getattr(session.config, "eight_device_runs", None):
-        import shutil
-
-        runs[0].kill()  # a no-op once it finished
-        runs[0].wait()
-        shutil.rmtree(runs[1], ignore_errors=True)
-
-
 @pytest.fixture
 def tiny():
     return tiny_config

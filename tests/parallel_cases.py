@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from conftest import REPO, replace, tiny_config
@@ -45,14 +42,3 @@ def multidevice_env(devices: int) -> dict:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
             "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
-
-def start_eight_device_runs() -> tuple[subprocess.Popen, Path]:
-    """tests/multidevice_runs.py in the background: (process, its output dir). Started when the
-    session begins (see conftest), its minute of work overlaps the other tests, whose mostly
-    single-threaded compiles leave a core free."""
-    out = Path(tempfile.mkdtemp(prefix="jaxformer-8dev-"))
-    log = (out / "log.txt").open("w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "multidevice_runs.py"),
-                             str(out / "runs")], env=multidevice_env(8), stdout=log,
-                            stderr=subprocess.STDOUT)
-    return proc, out

@@ -123,11 +123,12 @@ def single_device(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def eight_devices(request):
-    """(output dir, result.json) of tests/multidevice_runs.py, started at collection (conftest)."""
-    proc, out = request.config.eight_device_runs
-    assert proc.wait(timeout=900) == 0, (out / "log.txt").read_text()[-3000:]
-    return out / "runs", json.loads((out / "runs" / "result.json").read_text())
+def eight_devices(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eight")
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_runs.py"), str(out)],
+                          env=multidevice_env(8), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "result.json").read_text())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
