@@ -106,6 +106,11 @@ RUNTIME_CASES = {
         lambda d: (train(tiny_config(), d), (d / "finished.json").unlink(),
                    train(replace(tiny_config(), model={"n_layers": 3}), d)),
         ConfigError, "was written by another model (model.n_layers=2 there, 3 now)"),
+    "resume with other freezing": (
+        lambda d: (train(replace(tiny_config(), finetune={"freeze": ["embeddings"]}), d),
+                   (d / "finished.json").unlink(), train(tiny_config(steps=9), d)),
+        ConfigError, "does not restore into this run's train state: finetune.freeze="
+                     "['embeddings'] there, [] now. Resume with the settings that wrote it"),
     "no checkpoint restores": (
         lambda d: train(tiny_config(), corrupt_every_checkpoint(d)), ConfigError,
         "none of the 2 checkpoints in"),

@@ -84,8 +84,12 @@ class Checkpointer:
                 ),
             )
         except Exception as err:  # orbax raises many kinds on corrupt or mismatched trees
-            raise ConfigError(f"checkpoint {self.directory / str(step)} does not restore "
-                              f"({str(err).strip().splitlines()[0]})") from None
+            first_line = str(err).strip().splitlines()[0]
+            # a readable checkpoint of another optimizer layout: every older one has it too
+            message = f"checkpoint {self.directory / str(step)} does not restore ({first_line})"
+            if "tree structures do not match" in first_line:
+                raise StateMismatch(message, self.directory / str(step)) from None
+            raise ConfigError(message) from None
         return restored.state, restored.data
 
     def latest_meta(self) -> tuple[int, dict] | None:
@@ -106,6 +110,8 @@ class Checkpointer:
         for step in reversed(steps):
             try:
                 state, data_state = self.restore(step, abstract_state)
+            except StateMismatch:
+                raise  # not corrupt: falling back would meet the same layout
             except ConfigError as err:
                 failures.append(str(err))
                 warn(f"{err}: falling back to the checkpoint before it")
@@ -138,15 +144,39 @@ class Checkpointer:
 RUNTIME_ONLY = ("dropout", "scan_layers", "attention", "dtype")
 
 
+class StateMismatch(ConfigError):
+    """A checkpoint that reads but holds a train state of another structure (optimizer state of
+    another optimizer or freezing layout)."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+def changed_settings(section: str, saved: dict[str, Any], now: dict[str, Any],
+                     ignore: tuple[str, ...] = ()) -> list[str]:
+    """`section.key=<saved> there, <now> now` for every key whose value differs."""
+    return [f"{section}.{key}={saved.get(key)!r} there, {value!r} now"
+            for key, value in now.items() if key not in ignore and saved.get(key) != value]
+
+
 def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: Path) -> None:
     """Refuse to resume a checkpoint written by a model of another shape."""
-    changed = [
-        f"model.{key}={saved_model.get(key)!r} there, {value!r} now"
-        for key, value in model.items()
-        if key not in RUNTIME_ONLY and saved_model.get(key) != value
-    ]
+    changed = changed_settings("model", saved_model, model, RUNTIME_ONLY)
     if changed:
         raise ConfigError(
             f"checkpoint in {where} was written by another model ({'; '.join(changed)}): "
             "use the same model config or a new hydra.run.dir"
         )
+
+
+def explain_state_mismatch(err: StateMismatch, saved_meta: dict[str, Any],
+                           sections: dict[str, dict[str, Any]]) -> str:
+    """One line for a checkpoint whose train state has another structure than this run's: the
+    optim / finetune settings that differ from those that wrote it (recorded in its meta)."""
+    changed = [line for name, now in sections.items() if name in saved_meta
+               for line in changed_settings(name, saved_meta[name], now)]
+    differs = "; ".join(changed) if changed else (
+        "its optimizer state has another layout than this config builds")
+    return (f"checkpoint {err.checkpoint} does not restore into this run's train state: "
+            f"{differs}. Resume with the settings that wrote it, or use a new hydra.run.dir")

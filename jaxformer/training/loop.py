@@ -31,7 +31,9 @@ from jaxformer.parallel import (
 )
 from jaxformer.run_info import run_metadata
 from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker
-from jaxformer.training.checkpoint import Checkpointer, check_compatible
+from jaxformer.training.checkpoint import (
+    Checkpointer, StateMismatch, check_compatible, explain_state_mismatch,
+)
 from jaxformer.training.finetune import make_train_optimizer
 from jaxformer.training.init_from import apply_init, plan_init
 from jaxformer.training.optim import make_schedule
@@ -222,7 +224,11 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed,
                                rows=process_rows(trainer.batch_size))
     # restored straight into this mesh's shards, whatever wrote it; past corrupt checkpoints
-    restored = checkpointer.restore_latest(with_shardings(layout.abstract, layout.shardings))
+    try:
+        restored = checkpointer.restore_latest(with_shardings(layout.abstract, layout.shardings))
+    except StateMismatch as err:
+        raise ConfigError(explain_state_mismatch(
+            err, latest[1] if latest else {}, {"optim": to_dict(cfg.optim), "finetune": to_dict(cfg.finetune)})) from None
     if restored is not None:
         state, data_state, _ = restored
         data_iter.set_state(data_state)
@@ -239,7 +245,8 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
         **({"init_from": init_plan.report()} if init_plan else {}),
     }
     tracker, wandb_dir = make_tracker(cfg, run_dir, start_step, config)
-    meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective}
+    meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective,
+            "optim": to_dict(cfg.optim), "finetune": to_dict(cfg.finetune)}
 
     train_step = make_train_step(graphdef, rest, tx, schedule, objective,
                                  grad_accum=trainer.grad_accum, shardings=shardings)
