@@ -44,6 +44,14 @@ def _check_positive(prefix: str, obj: Any, *names: str) -> None:
             raise ConfigError(f"{prefix}.{name}={value} must be a positive number")
 
 
+def _check_at_least(prefix: str, obj: Any, *names: str, minimum: int = 0, hint: str = "") -> None:
+    """`prefix.name=value must be >= minimum[ hint]` for each name whose value (when set) is less."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{prefix}.{name}={value} must be >= {minimum}{hint}")
+
+
 def _check_choice(prefix: str, obj: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in choices:
@@ -110,9 +118,7 @@ class ModelConfig:
                 f"{self.d_model}/{self.n_heads} = {self.d_model // self.n_heads}: change d_model or n_heads"
             )
         _check_positive("model", self, "rope_theta", "layer_norm_eps")
-        for name in ("type_vocab_size", "num_classes"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"model.{name}={getattr(self, name)} must be >= 0")
+        _check_at_least("model", self, "type_vocab_size", "num_classes")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
 
@@ -191,9 +197,8 @@ class OptimConfig:
         _check_choice("optim", self, "name", OPTIMIZERS)
         _check_choice("optim", self, "schedule", SCHEDULES)
         _check_positive("optim", self, "lr")
-        for name in ("weight_decay", "warmup_steps", "clip_norm", "min_lr_ratio", "eps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be >= 0")
+        _check_at_least("optim", self, "weight_decay", "warmup_steps", "clip_norm", "min_lr_ratio",
+                        "eps")
         for name in ("b1", "b2", "momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
@@ -231,22 +236,17 @@ class TrainerConfig:
             "trainer", self, "steps", "batch_size", "log_every",
             "checkpoint_every", "keep_checkpoints", "eval_batch_size", "grad_accum",
         )
-        if self.eval_every < 0:
-            raise ConfigError(f"trainer.eval_every={self.eval_every} must be >= 0 (0: never)")
+        _check_at_least("trainer", self, "eval_every", hint=" (0: never)")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"trainer.batch_size={self.batch_size} is not divisible by "
                 f"trainer.grad_accum={self.grad_accum}: the global batch splits into grad_accum "
                 "equal micro-batches"
             )
-        for name in ("num_samples", "diagnostics_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0")
+        _check_at_least("trainer", self, "num_samples", "diagnostics_every")
         if self.checkpoint_minutes is not None:
             _check_positive("trainer", self, "checkpoint_minutes")
-        for name in ("keep_best", "max_skipped_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"trainer.{name}={getattr(self, name)} must be >= 0")
+        _check_at_least("trainer", self, "keep_best", "max_skipped_steps")
         if self.best_metric not in BEST_METRICS and not self.best_metric.startswith("exact_match_"):
             raise ConfigError(
                 f"trainer.best_metric={self.best_metric!r} is not an eval metric: use one of "
@@ -284,9 +284,7 @@ class MeshConfig:
                 raise ConfigError(f"mesh.{name}={value} must be a positive device count or -1 "
                                   "(the remaining devices)")
         _check_choice("mesh", self, "distributed", ("auto", "on", "off"))
-        for name in ("num_processes", "process_id"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"mesh.{name}={getattr(self, name)} must be >= 0")
+        _check_at_least("mesh", self, "num_processes", "process_id")
 
 
 @dataclass
@@ -323,17 +321,13 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
             raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if self.top_k < 0:
-            raise ConfigError(f"sampling.top_k={self.top_k} must be >= 0 (0 turns it off)")
+        _check_at_least("sampling", self, "top_k", hint=" (0 turns it off)")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1] (1 turns it off)")
-        if self.num_samples < 1:
-            raise ConfigError(f"sampling.num_samples={self.num_samples} must be >= 1")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1 "
-                              "(or null for the default)")
-        if self.beam_size < 0:
-            raise ConfigError(f"sampling.beam_size={self.beam_size} must be >= 0 (0: no beam search)")
+        _check_at_least("sampling", self, "num_samples", minimum=1)
+        _check_at_least("sampling", self, "max_new_tokens", minimum=1,
+                        hint=" (or null for the default)")
+        _check_at_least("sampling", self, "beam_size", hint=" (0: no beam search)")
         _check_positive("sampling", self, "batch_size")
 
     def check_vocab(self, vocab_size: int) -> None:
@@ -377,11 +371,8 @@ class FinetuneConfig:
                               f"parameter group: choose from {', '.join(PARAM_GROUPS)}")
         if len(set(self.freeze)) != len(self.freeze):
             raise ConfigError(f"finetune.freeze={list(self.freeze)} repeats a group")
-        if self.freeze_lower_blocks < 0:
-            raise ConfigError(f"finetune.freeze_lower_blocks={self.freeze_lower_blocks} must be >= 0")
-        if self.init_step is not None and self.init_step < 0:
-            raise ConfigError(f"finetune.init_step={self.init_step} must be >= 0 (or null for the "
-                              "latest checkpoint)")
+        _check_at_least("finetune", self, "freeze_lower_blocks")
+        _check_at_least("finetune", self, "init_step", hint=" (or null for the latest checkpoint)")
         for group in PARAM_GROUPS:
             if not getattr(self.lr_multipliers, group) > 0:
                 raise ConfigError(

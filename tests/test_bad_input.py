@@ -13,7 +13,7 @@ import pytest
 
 from conftest import replace, tiny_config
 from jaxformer.cli import preflight
-from jaxformer.config import ConfigError, register_configs, to_train_config
+from jaxformer.config import ConfigError, TrainConfig, register_configs, to_train_config
 from jaxformer.data.tokenizers import load_tokenizer
 from jaxformer.restore import restore_params
 from jaxformer.interop import InteropError, load_hf_decoder, load_hf_encoder
@@ -88,6 +88,12 @@ def locked_run(run_dir: Path):
         train(tiny_config(), run_dir)
 
 
+def resumed(first: TrainConfig, then: TrainConfig):
+    """A run of `first` in a run dir, then the same dir resumed with `then` (the run's finished
+    marker removed, so the second call restores rather than reports the finished run)."""
+    return lambda d: (train(first, d), (d / "finished.json").unlink(), train(then, d))
+
+
 # (what goes wrong, how it is tried, the error type, what the one line must say)
 RUNTIME_CASES = {
     "mesh larger than the machine": (
@@ -103,12 +109,10 @@ RUNTIME_CASES = {
         lambda d: train(replace(tiny_config(), task={"eval_size": 20000}), d), ValueError,
         "task.eval_size=20000"),
     "checkpoint of another model": (
-        lambda d: (train(tiny_config(), d), (d / "finished.json").unlink(),
-                   train(replace(tiny_config(), model={"n_layers": 3}), d)),
+        resumed(tiny_config(), replace(tiny_config(), model={"n_layers": 3})),
         ConfigError, "was written by another model (model.n_layers=2 there, 3 now)"),
     "resume with other freezing": (
-        lambda d: (train(replace(tiny_config(), finetune={"freeze": ["embeddings"]}), d),
-                   (d / "finished.json").unlink(), train(tiny_config(steps=9), d)),
+        resumed(replace(tiny_config(), finetune={"freeze": ["embeddings"]}), tiny_config(steps=9)),
         ConfigError, "does not restore into this run's train state: finetune.freeze="
                      "['embeddings'] there, [] now. Resume with the settings that wrote it"),
     "no checkpoint restores": (

@@ -224,11 +224,13 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed,
                                rows=process_rows(trainer.batch_size))
     # restored straight into this mesh's shards, whatever wrote it; past corrupt checkpoints
+    # what shapes the optimizer state: recorded with every checkpoint, named when resuming fails
+    optimizer_settings = {"optim": to_dict(cfg.optim), "finetune": to_dict(cfg.finetune)}
     try:
         restored = checkpointer.restore_latest(with_shardings(layout.abstract, layout.shardings))
     except StateMismatch as err:
-        raise ConfigError(explain_state_mismatch(
-            err, latest[1] if latest else {}, {"optim": to_dict(cfg.optim), "finetune": to_dict(cfg.finetune)})) from None
+        saved_meta = latest[1] if latest else {}
+        raise ConfigError(explain_state_mismatch(err, saved_meta, optimizer_settings)) from None
     if restored is not None:
         state, data_state, _ = restored
         data_iter.set_state(data_state)
@@ -246,7 +248,7 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     }
     tracker, wandb_dir = make_tracker(cfg, run_dir, start_step, config)
     meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective,
-            "optim": to_dict(cfg.optim), "finetune": to_dict(cfg.finetune)}
+            **optimizer_settings}
 
     train_step = make_train_step(graphdef, rest, tx, schedule, objective,
                                  grad_accum=trainer.grad_accum, shardings=shardings)
