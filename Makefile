@@ -31,8 +31,8 @@ demo: install
 		sampling.temperature=1.0 sampling.num_samples=4
 
 # Two pytest workers (pytest-xdist), a test file each at a time so module fixtures are built once:
-# the suite is compile-bound and single-threaded, 10:09 -> 8:08 on 2 cores. PYTEST_WORKERS=0 runs
-# it in one process.
+# the suite is compile-bound and mostly single-threaded: 10:09 -> 7:42 on 2 cores (clean clone).
+# PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 2
 test: install-dev
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)

@@ -28,8 +28,8 @@ def objective_for(kind: str, classification_task: bool, num_classes: int = 0) ->
 
 def first_argmax(logits_btv: jax.Array) -> jax.Array:
     """`jnp.argmax(logits, -1)` (ties go to the first index) as a max and a min over the vocabulary:
-    XLA:CPU runs the (value, index) reduction jnp.argmax lowers to ~6x slower than these two
-    plain reductions, and the max is the one log-softmax takes anyway (docs/performance.md)."""
+    on XLA:CPU the (value, index) reduction jnp.argmax lowers to took 74 ms of a bench-small train
+    step, these two plain reductions ~35 ms (docs/performance.md)."""
     is_max_btv = logits_btv == logits_btv.max(axis=-1, keepdims=True)
     index_btv = jax.lax.broadcasted_iota(jnp.int32, logits_btv.shape, logits_btv.ndim - 1)
     return jnp.where(is_max_btv, index_btv, logits_btv.shape[-1]).min(axis=-1)

@@ -223,9 +223,9 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     shardings = StepShardings(layout.shardings, batch_sharding(mesh), replicated(mesh))
     data_iter = train_iterator(task, objective, trainer.batch_size, cfg.seed,
                                rows=process_rows(trainer.batch_size))
-    # restored straight into this mesh's shards, whatever wrote it; past corrupt checkpoints
     # what shapes the optimizer state: recorded with every checkpoint, named when resuming fails
     optimizer_settings = {"optim": to_dict(cfg.optim), "finetune": to_dict(cfg.finetune)}
+    # restored straight into this mesh's shards, whatever wrote it; past corrupt checkpoints
     try:
         restored = checkpointer.restore_latest(with_shardings(layout.abstract, layout.shardings))
     except StateMismatch as err:
