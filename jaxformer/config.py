@@ -2,7 +2,7 @@
 
 The YAML files under `conf/` are merged onto these dataclasses, so an unknown key or a wrong type fails
 at composition time; `OmegaConf.to_object` then builds the dataclasses and each `__post_init__` checks
-values, raising `ConfigError` with one line that names the key and the fix.
+values, raising `UserError` with one line that names the key and the fix.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from jaxformer.errors import UserError
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "sigmoid", "silu")
 POSITIONS = ("sinusoidal", "learned", "rope")
@@ -33,15 +35,11 @@ PARAM_GROUPS = ("embeddings", "blocks", "head")  # see jaxformer/training/finetu
 FINETUNE_MODES = ("full", "head_only")
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the key and how to fix it."""
-
-
 def _check_positive(prefix: str, obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is None or value <= 0:
-            raise ConfigError(f"{prefix}.{name}={value} must be a positive number")
+            raise UserError(f"{prefix}.{name}={value} must be a positive number")
 
 
 def _check_at_least(prefix: str, obj: Any, *names: str, minimum: int = 0, hint: str = "") -> None:
@@ -49,13 +47,13 @@ def _check_at_least(prefix: str, obj: Any, *names: str, minimum: int = 0, hint: 
     for name in names:
         value = getattr(obj, name)
         if value is not None and value < minimum:
-            raise ConfigError(f"{prefix}.{name}={value} must be >= {minimum}{hint}")
+            raise UserError(f"{prefix}.{name}={value} must be >= {minimum}{hint}")
 
 
 def _check_choice(prefix: str, obj: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in choices:
-        raise ConfigError(f"{prefix}.{name}={value!r} is not one of {', '.join(choices)}")
+        raise UserError(f"{prefix}.{name}={value!r} is not one of {', '.join(choices)}")
 
 
 @dataclass
@@ -95,12 +93,12 @@ class ModelConfig:
             if getattr(self, name) is not None:
                 _check_positive("model", self, name)
         if self.kind != "mlp" and self.d_model % self.n_heads:
-            raise ConfigError(
+            raise UserError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
                 "pick d_model as a multiple of n_heads"
             )
         if self.kind == "mlp" and (self.residual or self.norm != "none"):
-            raise ConfigError(
+            raise UserError(
                 f"model.kind=mlp is a plain MLP (model.residual={self.residual}, "
                 f"model.norm={self.norm!r}): set model.residual=false model.norm=none"
             )
@@ -113,14 +111,14 @@ class ModelConfig:
         _check_choice("model", self, "dtype", DTYPES)
         _check_choice("model", self, "param_dtype", DTYPES)
         if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
-            raise ConfigError(
+            raise UserError(
                 f"model.positions=rope needs an even head dim, but d_model/n_heads = "
                 f"{self.d_model}/{self.n_heads} = {self.d_model // self.n_heads}: change d_model or n_heads"
             )
         _check_positive("model", self, "rope_theta", "layer_norm_eps")
         _check_at_least("model", self, "type_vocab_size", "num_classes")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
 
     @property
     def use_final_norm(self) -> bool:
@@ -159,21 +157,21 @@ class TaskConfig:
             "input_dim", "teacher_width",
         )
         if self.min_digits > self.max_digits:
-            raise ConfigError(
+            raise UserError(
                 f"task.min_digits={self.min_digits} exceeds task.max_digits={self.max_digits}"
             )
         if self.max_digits > 9:
-            raise ConfigError(f"task.max_digits={self.max_digits} must be at most 9")
+            raise UserError(f"task.max_digits={self.max_digits} must be at most 9")
         if self.min_length > self.max_length:
-            raise ConfigError(
+            raise UserError(
                 f"task.min_length={self.min_length} exceeds task.max_length={self.max_length}"
             )
         if not 2 <= self.n_symbols <= 36:
-            raise ConfigError(f"task.n_symbols={self.n_symbols} must be between 2 and 36")
+            raise UserError(f"task.n_symbols={self.n_symbols} must be between 2 and 36")
         if not 0.0 < self.mask_prob < 1.0:
-            raise ConfigError(f"task.mask_prob={self.mask_prob} must be in (0, 1)")
+            raise UserError(f"task.mask_prob={self.mask_prob} must be in (0, 1)")
         if self.num_classes < 2:
-            raise ConfigError(f"task.num_classes={self.num_classes} must be at least 2")
+            raise UserError(f"task.num_classes={self.num_classes} must be at least 2")
         if self.train_size is not None:
             _check_positive("task", self, "train_size")
 
@@ -201,7 +199,7 @@ class OptimConfig:
                         "eps")
         for name in ("b1", "b2", "momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+                raise UserError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclass
@@ -238,7 +236,7 @@ class TrainerConfig:
         )
         _check_at_least("trainer", self, "eval_every", hint=" (0: never)")
         if self.batch_size % self.grad_accum:
-            raise ConfigError(
+            raise UserError(
                 f"trainer.batch_size={self.batch_size} is not divisible by "
                 f"trainer.grad_accum={self.grad_accum}: the global batch splits into grad_accum "
                 "equal micro-batches"
@@ -248,7 +246,7 @@ class TrainerConfig:
             _check_positive("trainer", self, "checkpoint_minutes")
         _check_at_least("trainer", self, "keep_best", "max_skipped_steps")
         if self.best_metric not in BEST_METRICS and not self.best_metric.startswith("exact_match_"):
-            raise ConfigError(
+            raise UserError(
                 f"trainer.best_metric={self.best_metric!r} is not an eval metric: use one of "
                 f"{', '.join(BEST_METRICS)} or exact_match_<difficulty bin>")
         _check_choice("trainer", self, "best_mode", ("auto", "min", "max"))
@@ -281,8 +279,8 @@ class MeshConfig:
         for name in ("data", "fsdp", "tensor"):
             value = getattr(self, name)
             if value == 0 or value < -1:
-                raise ConfigError(f"mesh.{name}={value} must be a positive device count or -1 "
-                                  "(the remaining devices)")
+                raise UserError(f"mesh.{name}={value} must be a positive device count or -1 "
+                                "(the remaining devices)")
         _check_choice("mesh", self, "distributed", ("auto", "on", "off"))
         _check_at_least("mesh", self, "num_processes", "process_id")
 
@@ -304,9 +302,19 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)  # metrics.jsonl is always written
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, prefix: str = "") -> None:
+    """The decoding controls' ranges, checked by the config and by the decoding functions alike."""
+    if not temperature >= 0.0:
+        raise UserError(f"{prefix}temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k < 0:
+        raise UserError(f"{prefix}top_k={top_k} must be >= 0 (0 turns it off)")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"{prefix}top_p={top_p} must be in (0, 1] (1 turns it off)")
+
+
 @dataclass
 class SamplingConfig:
-    """Decoding controls of `jaxformer.sample` and `jaxformer.evaluate` (see jaxformer/sampling.py)."""
+    """Decoding controls of `jaxformer.sample` and `jaxformer.evaluate` (see jaxformer/models/decoding.py)."""
 
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # keep the k most likely tokens; 0: off
@@ -319,11 +327,7 @@ class SamplingConfig:
     batch_size: int = 64  # prompts per decoding call
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy)")
-        _check_at_least("sampling", self, "top_k", hint=" (0 turns it off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1] (1 turns it off)")
+        check_sampling(self.temperature, self.top_k, self.top_p, prefix="sampling.")
         _check_at_least("sampling", self, "num_samples", minimum=1)
         _check_at_least("sampling", self, "max_new_tokens", minimum=1,
                         hint=" (or null for the default)")
@@ -333,8 +337,8 @@ class SamplingConfig:
     def check_vocab(self, vocab_size: int) -> None:
         """What needs the model: top_k must not exceed its vocabulary."""
         if self.top_k > vocab_size:
-            raise ConfigError(f"sampling.top_k={self.top_k} exceeds the model's vocabulary of "
-                              f"{vocab_size} tokens: use top_k <= {vocab_size} (or 0 to turn it off)")
+            raise UserError(f"sampling.top_k={self.top_k} exceeds the model's vocabulary of "
+                            f"{vocab_size} tokens: use top_k <= {vocab_size} (or 0 to turn it off)")
 
 
 @dataclass
@@ -363,19 +367,19 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _check_choice("finetune", self, "mode", FINETUNE_MODES)
         if self.init_from is not None and not str(self.init_from).strip():
-            raise ConfigError("finetune.init_from is empty: give a run dir or a Hugging Face "
-                              "folder, or null to start from scratch")
+            raise UserError("finetune.init_from is empty: give a run dir or a Hugging Face "
+                            "folder, or null to start from scratch")
         unknown = [name for name in self.freeze if name not in PARAM_GROUPS]
         if unknown:
-            raise ConfigError(f"finetune.freeze names {', '.join(map(repr, unknown))}, which is no "
-                              f"parameter group: choose from {', '.join(PARAM_GROUPS)}")
+            raise UserError(f"finetune.freeze names {', '.join(map(repr, unknown))}, which is no "
+                            f"parameter group: choose from {', '.join(PARAM_GROUPS)}")
         if len(set(self.freeze)) != len(self.freeze):
-            raise ConfigError(f"finetune.freeze={list(self.freeze)} repeats a group")
+            raise UserError(f"finetune.freeze={list(self.freeze)} repeats a group")
         _check_at_least("finetune", self, "freeze_lower_blocks")
         _check_at_least("finetune", self, "init_step", hint=" (or null for the latest checkpoint)")
         for group in PARAM_GROUPS:
             if not getattr(self.lr_multipliers, group) > 0:
-                raise ConfigError(
+                raise UserError(
                     f"finetune.lr_multipliers.{group}={getattr(self.lr_multipliers, group)} must "
                     f"be > 0: freeze a group with finetune.freeze=[{group}] instead")
 
@@ -406,12 +410,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         vector_task = self.task.name in VECTOR_TASKS
         if self.model.kind == "mlp" and not vector_task:
-            raise ConfigError(
+            raise UserError(
                 f"model.kind=mlp reads feature vectors, not task.name={self.task.name!r}: "
                 f"use a vector task ({', '.join(VECTOR_TASKS)})"
             )
         if self.model.kind != "mlp" and vector_task:
-            raise ConfigError(
+            raise UserError(
                 f"task.name={self.task.name!r} gives feature vectors, which model.kind="
                 f"{self.model.kind} cannot read: use model=mlp"
             )
@@ -434,12 +438,12 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     """Build (and so validate) the typed config from a composed DictConfig."""
     try:
         obj = OmegaConf.to_object(cfg)
-    except ConfigError:
+    except UserError:
         raise
     except Exception as err:  # OmegaConf type errors, missing values
-        raise ConfigError(str(err).splitlines()[0]) from None
+        raise UserError(str(err).splitlines()[0]) from None
     if not isinstance(obj, TrainConfig):
-        raise ConfigError("the composed config is not a TrainConfig: start it from conf/train.yaml")
+        raise UserError("the composed config is not a TrainConfig: start it from conf/train.yaml")
     return obj
 
 

@@ -12,15 +12,17 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import replace, tiny_config
+from helpers import replace, tiny_config
 from jaxformer.config import ModelConfig, OptimConfig
-from jaxformer.diagnostics import diagnostics_metrics, make_diagnostics
 from jaxformer.models import build_model, resolve_model_config
 from jaxformer.models.layers import ACTIVATION_FNS
 from jaxformer.models.probes import activation_stats
+from jaxformer.objectives import OBJECTIVES
+from jaxformer.training.diagnostics import diagnostics_metrics, make_diagnostics
 from jaxformer.training.loop import train
 from jaxformer.training.optim import make_optimizer, make_schedule
-from jaxformer.training.state import create_train_state, split_model
+from jaxformer.models import split_model
+from jaxformer.training.state import create_train_state
 from jaxformer.training.step import make_train_step
 
 PLAIN_SGD = OptimConfig(name="sgd", lr=0.1, momentum=0.0, clip_norm=0.0, warmup_steps=0,
@@ -46,7 +48,8 @@ def vector_batch(n: int = 6, input_dim: int = 5, classes: int = 3) -> dict:
 
 
 def diagnose(graphdef, rest, tx, state, batch, objective="vector_classification") -> dict:
-    return diagnostics_metrics(make_diagnostics(graphdef, rest, tx, objective)(state, batch))
+    diagnostics = make_diagnostics(graphdef, rest, tx, OBJECTIVES[objective])
+    return diagnostics_metrics(diagnostics(state, batch))
 
 
 def per_layer(metrics: dict, stat: str, prefix: str = "") -> np.ndarray:
@@ -126,7 +129,7 @@ def test_diagnostics_use_the_train_steps_gradients_with_dropout():
     batch = {"tokens": rng.integers(5, 20, (4, 9)).astype(np.int32),
              "loss_mask": np.ones((4, 9), np.float32)}
     metrics = diagnose(graphdef, rest, tx, state, batch, "clm")
-    _, step_metrics = make_train_step(graphdef, rest, tx, schedule, "clm")(state, batch)
+    _, step_metrics = make_train_step(graphdef, rest, tx, schedule, OBJECTIVES["clm"])(state, batch)
     assert metrics["grad_norm"] == pytest.approx(float(step_metrics["grad_norm"]), rel=1e-5)
     assert metrics["loss"] == pytest.approx(float(step_metrics["loss"]), rel=1e-6)
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxformer.config import ACTIVATIONS, INITS, NORMS, POSITIONS, ConfigError, ModelConfig
+from jaxformer.config import ACTIVATIONS, INITS, NORMS, POSITIONS, ModelConfig
+from jaxformer.errors import UserError
 from jaxformer.models import build_model
 from jaxformer.models.attention import reference_attention
 from jaxformer.models.layers import apply_rope
-from jaxformer.objectives import first_argmax, token_loss
+from jaxformer.objectives.base import first_argmax, token_loss
 from jaxformer.training.optim import decay_mask
 
 CFG = ModelConfig(vocab_size=17, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=12)
@@ -209,7 +210,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_rope_needs_an_even_head_dim():
-    with pytest.raises(ConfigError, match="positions=rope needs an even head dim"):
+    with pytest.raises(UserError, match="positions=rope needs an even head dim"):
         family_config("decoder", d_model=36, n_heads=4, positions="rope")  # head dim 9
 
 

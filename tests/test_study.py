@@ -17,15 +17,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from omegaconf import OmegaConf
 
-from conftest import REPO, replace, run_module, tiny_config
+from helpers import REPO, compose_train, replace, run_module, tiny_config
 from jaxformer.config import (
-    ConfigError, LoggerConfig, ModelConfig, OptimConfig, TaskConfig, TrainConfig, TrainerConfig,
-    WandbConfig, to_train_config,
+    LoggerConfig, ModelConfig, OptimConfig, TaskConfig, TrainConfig, TrainerConfig, WandbConfig, to_train_config,
 )
+from jaxformer.errors import UserError
 from jaxformer.models import build_model, resolve_model_config
 from jaxformer.training.loop import train
 from jaxformer.training.optim import make_optimizer
-from test_config import compose_train
 from hydra import compose, initialize_config_dir
 
 STUDY = REPO / "experiments" / "sigmoid_vs_relu_depth"
@@ -131,13 +130,13 @@ def test_grids_sweeper_precedence_params_then_arm_then_command_line():
      "task.name='teacher' gives feature vectors, which model.kind=decoder cannot read"),
 ])
 def test_bad_study_values_are_one_line_errors(make, message):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         make()
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_input_dim_that_disagrees_with_the_task_is_refused():
-    with pytest.raises(ConfigError, match="model.input_dim=8 but the task gives 16 features"):
+    with pytest.raises(UserError, match="model.input_dim=8 but the task gives 16 features"):
         resolve_model_config(ModelConfig(kind="mlp", residual=False, norm="none", input_dim=8),
                              None, 4, 16)
 

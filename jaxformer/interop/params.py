@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.config import ModelConfig
+from jaxformer.errors import UserError
 from jaxformer.models import build_model
 
 
-class InteropError(ValueError):
+class InteropError(UserError):
     """A folder, checkpoint or config that cannot be mapped; the message is one line."""
 
 
@@ -54,7 +55,7 @@ def make_config(origin: str, overrides: Mapping, **fields) -> ModelConfig:
                            f"the computation); only {', '.join(RUNTIME_FIELDS)} may be overridden")
     try:
         return ModelConfig(**{**fields, **overrides})
-    except ConfigError as err:
+    except UserError as err:
         raise InteropError(f"{origin}: {err}") from None
 
 

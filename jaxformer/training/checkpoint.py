@@ -17,7 +17,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxformer.config import ConfigError
+from jaxformer.errors import UserError
 from jaxformer.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Checkpointer:
             message = f"checkpoint {self.directory / str(step)} does not restore ({first_line})"
             if "tree structures do not match" in first_line:
                 raise StateMismatch(message, self.directory / str(step)) from None
-            raise ConfigError(message) from None
+            raise UserError(message) from None
         return restored.state, restored.data
 
     def latest_meta(self) -> tuple[int, dict] | None:
@@ -112,7 +112,7 @@ class Checkpointer:
                 state, data_state = self.restore(step, abstract_state)
             except StateMismatch:
                 raise  # not corrupt: falling back would meet the same layout
-            except ConfigError as err:
+            except UserError as err:
                 failures.append(str(err))
                 warn(f"{err}: falling back to the checkpoint before it")
                 continue
@@ -120,8 +120,8 @@ class Checkpointer:
                 self.quarantine(bad)
             return state, data_state, step
         if failures:
-            raise ConfigError(f"none of the {len(steps)} checkpoints in {self.directory} restores "
-                              f"(newest: {failures[0]}): start a new hydra.run.dir")
+            raise UserError(f"none of the {len(steps)} checkpoints in {self.directory} restores "
+                            f"(newest: {failures[0]}): start a new hydra.run.dir")
         return None
 
     def quarantine(self, step: int) -> None:
@@ -144,7 +144,7 @@ class Checkpointer:
 RUNTIME_ONLY = ("dropout", "scan_layers", "attention", "dtype")
 
 
-class StateMismatch(ConfigError):
+class StateMismatch(UserError):
     """A checkpoint that reads but holds a train state of another structure (optimizer state of
     another optimizer or freezing layout)."""
 
@@ -164,7 +164,7 @@ def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: 
     """Refuse to resume a checkpoint written by a model of another shape."""
     changed = changed_settings("model", saved_model, model, RUNTIME_ONLY)
     if changed:
-        raise ConfigError(
+        raise UserError(
             f"checkpoint in {where} was written by another model ({'; '.join(changed)}): "
             "use the same model config or a new hydra.run.dir"
         )

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxformer.config import PARAM_GROUPS, ConfigError, FinetuneConfig, ModelConfig, OptimConfig
+from jaxformer.config import PARAM_GROUPS, FinetuneConfig, ModelConfig, OptimConfig
+from jaxformer.errors import UserError
 from jaxformer.models import build_model
 from jaxformer.training.optim import make_optimizer
 
@@ -50,8 +51,8 @@ def path_names(path) -> list[str]:
 def param_group(path) -> str:
     names = path_names(path)
     if names[0] not in GROUP_OF_MODULE:
-        raise ConfigError(f"finetune: parameter {'.'.join(names)} is in no parameter group "
-                          f"(jaxformer/training/finetune.py GROUP_OF_MODULE): plain training only")
+        raise UserError(f"finetune: parameter {'.'.join(names)} is in no parameter group "
+                        f"(jaxformer/training/finetune.py GROUP_OF_MODULE): plain training only")
     return GROUP_OF_MODULE[names[0]]
 
 
@@ -116,29 +117,29 @@ def freeze_plan(cfg: FinetuneConfig, model_cfg: ModelConfig) -> FreezePlan:
     tied = " (its LM head is the token table: the embeddings group)" \
         if model_cfg.kind == "decoder" and "head" not in present else ""
     if cfg.mode == "head_only" and "head" not in present:
-        raise ConfigError(f"finetune.mode=head_only, but {where} has no head parameters{tied}: set "
-                          "model.num_classes for a classifier, or freeze groups with finetune.freeze")
+        raise UserError(f"finetune.mode=head_only, but {where} has no head parameters{tied}: set "
+                        "model.num_classes for a classifier, or freeze groups with finetune.freeze")
     for group in cfg.freeze:
         if group not in present:
-            raise ConfigError(f"finetune.freeze=[{group}] names the {group} group, but {where} has "
-                              f"no {group} parameters{tied}: drop it")
+            raise UserError(f"finetune.freeze=[{group}] names the {group} group, but {where} has "
+                            f"no {group} parameters{tied}: drop it")
     if cfg.freeze_lower_blocks:
         if "blocks" in frozen:
-            raise ConfigError(f"finetune.freeze_lower_blocks={cfg.freeze_lower_blocks} has no "
-                              f"effect: every block is frozen already (mode={cfg.mode}, "
-                              f"freeze={list(cfg.freeze)})")
+            raise UserError(f"finetune.freeze_lower_blocks={cfg.freeze_lower_blocks} has no "
+                            f"effect: every block is frozen already (mode={cfg.mode}, "
+                            f"freeze={list(cfg.freeze)})")
         for key, depth in stack_depths(model_cfg).items():
             if cfg.freeze_lower_blocks > depth:
-                raise ConfigError(f"finetune.freeze_lower_blocks={cfg.freeze_lower_blocks} exceeds "
-                                  f"{key}={depth}: freeze at most {depth}")
+                raise UserError(f"finetune.freeze_lower_blocks={cfg.freeze_lower_blocks} exceeds "
+                                f"{key}={depth}: freeze at most {depth}")
     trainable = [g for g in PARAM_GROUPS if g in present and g not in frozen]
     if not trainable:
-        raise ConfigError(f"finetune freezes every parameter group of {where} "
-                          f"(mode={cfg.mode}, freeze={list(cfg.freeze)}): nothing would train")
+        raise UserError(f"finetune freezes every parameter group of {where} "
+                        f"(mode={cfg.mode}, freeze={list(cfg.freeze)}): nothing would train")
     for group in frozen:
         if getattr(cfg.lr_multipliers, group) != 1.0:
-            raise ConfigError(f"finetune.lr_multipliers.{group}="
-                              f"{getattr(cfg.lr_multipliers, group)} scales a frozen group: drop it")
+            raise UserError(f"finetune.lr_multipliers.{group}="
+                            f"{getattr(cfg.lr_multipliers, group)} scales a frozen group: drop it")
     return FreezePlan(frozen, cfg.freeze_lower_blocks,
                       {g: getattr(cfg.lr_multipliers, g) for g in trainable})
 

@@ -16,30 +16,31 @@ from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxformer.config import ConfigError, ModelConfig, TrainConfig, TrainerConfig, to_dict
-from jaxformer.data.pipeline import eval_set, train_iterator
+from jaxformer.config import ModelConfig, TrainConfig, TrainerConfig, to_dict
+from jaxformer.errors import UserError
+from jaxformer.data.pipeline import train_iterator
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import save_tokenizer
 from jaxformer.data.vectors import TeacherTask
-from jaxformer.diagnostics import diagnostics_metrics, make_diagnostics
-from jaxformer.evaluation import eval_loss, exact_match, greedy_completions
-from jaxformer.models import resolve_model_config
-from jaxformer.objectives import objective_for
+from jaxformer.models import count_params
+from jaxformer.objectives import Objective, objective_for
 from jaxformer.parallel import (
     batch_sharding, data_parallel_size, global_batch, initialize_distributed, is_main_process,
     make_mesh, process_rows, replicated, to_host, use_mesh, with_shardings,
 )
-from jaxformer.run_info import run_metadata
-from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker
+from jaxformer.runs import METRICS, RunDir
+from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker, run_metadata
 from jaxformer.training.checkpoint import (
     Checkpointer, StateMismatch, check_compatible, explain_state_mismatch,
 )
 from jaxformer.training.finetune import make_train_optimizer
+from jaxformer.training.diagnostics import diagnostics_metrics, make_diagnostics
+from jaxformer.training.evaluation import eval_loss, exact_match
 from jaxformer.training.init_from import apply_init, plan_init
 from jaxformer.training.optim import make_schedule
 from jaxformer.training.preemption import Preempted, SaveTriggers
-from jaxformer.training.run_dir import RunLock, check_writable, read_finished, write_finished
-from jaxformer.training.state import count_params, init_train_state, state_layout
+from jaxformer.training.run_dir import RunLock, check_writable, write_finished
+from jaxformer.training.state import init_train_state, state_layout
 from jaxformer.training.step import StepShardings, make_eval_step, make_train_step
 
 
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 
 
 def finished_result(run_dir: Path, record: dict) -> TrainResult:
-    return TrainResult(run_dir, run_dir / "metrics.jsonl", record.get("wandb_dir"), record["step"],
+    return TrainResult(run_dir, run_dir / METRICS, record.get("wandb_dir"), record["step"],
                        record["objective"], record["eval_metrics"],
                        [tuple(sample) for sample in record.get("samples", [])],
                        already_finished=True)
@@ -74,7 +75,7 @@ def finished_result(run_dir: Path, record: dict) -> TrainResult:
 @dataclass
 class Prepared:
     task: Task | TeacherTask
-    objective: str
+    objective: Objective
     model_cfg: ModelConfig
     mesh: Mesh
 
@@ -83,19 +84,19 @@ def check_parallelism(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh) -> N
     """The batch splits over the data axes (and micro-batches), heads over the tensor axis."""
     trainer, data_ways, tensor = cfg.trainer, data_parallel_size(mesh), mesh.shape["tensor"]
     if trainer.batch_size % (trainer.grad_accum * data_ways):
-        raise ConfigError(
+        raise UserError(
             f"trainer.batch_size={trainer.batch_size} does not split into "
             f"trainer.grad_accum={trainer.grad_accum} micro-batches over the {data_ways} "
             f"data-parallel devices (mesh.data x mesh.fsdp): make batch_size a multiple of "
             f"{trainer.grad_accum * data_ways}")
     if trainer.batch_size % jax.process_count():
-        raise ConfigError(f"trainer.batch_size={trainer.batch_size} does not split over "
-                          f"{jax.process_count()} processes: make it a multiple of that")
+        raise UserError(f"trainer.batch_size={trainer.batch_size} does not split over "
+                        f"{jax.process_count()} processes: make it a multiple of that")
     if model_cfg.n_heads % tensor:
-        raise ConfigError(f"model.n_heads={model_cfg.n_heads} is not divisible by "
-                          f"mesh.tensor={tensor}: tensor parallelism splits whole heads")
+        raise UserError(f"model.n_heads={model_cfg.n_heads} is not divisible by "
+                        f"mesh.tensor={tensor}: tensor parallelism splits whole heads")
     if model_cfg.d_ff % tensor:
-        raise ConfigError(f"model.d_ff={model_cfg.d_ff} is not divisible by mesh.tensor={tensor}")
+        raise UserError(f"model.d_ff={model_cfg.d_ff} is not divisible by mesh.tensor={tensor}")
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
@@ -104,34 +105,20 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         check_writable(run_dir)
     mesh = make_mesh(cfg.mesh)
     task = build_task(cfg.task)
-    objective = objective_for(cfg.model.kind, task.num_classes > 0, cfg.model.num_classes)
-    if cfg.model.kind == "decoder" and cfg.model.num_classes and objective != "classification":
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} adds a classifier to the "
-                          f"decoder, but task {task.cfg.name} is not a classification task: use "
-                          "task=is_sorted or model.num_classes=0")
-    vector_task = task.tokenizer is None
-    model_cfg = resolve_model_config(
-        cfg.model, None if vector_task else task.tokenizer.get_vocab_size(),
-        task.num_classes if objective in ("classification", "vector_classification") else 0,
-        task.input_dim if vector_task else None,
-    )
-    needed = task.max_positions(objective)
-    if needed > model_cfg.max_len:
-        raise ConfigError(
-            f"task {task.cfg.name} needs {needed} positions for the {objective} objective but "
-            f"model.max_len={model_cfg.max_len}: set model.max_len>={needed} or shorten the task"
-        )
+    objective = objective_for(cfg.model, task)
+    model_cfg = objective.model_config(cfg.model, task)
     check_parallelism(cfg, model_cfg, mesh)
-    if cfg.trainer.keep_best and vector_task and cfg.trainer.best_metric.startswith("exact_match"):
-        raise ConfigError(f"trainer.best_metric={cfg.trainer.best_metric} does not exist for the "
-                          f"{task.cfg.name} task (no text answers): use loss or accuracy")
+    if (cfg.trainer.keep_best and not objective.text_answers
+            and cfg.trainer.best_metric.startswith("exact_match")):
+        raise UserError(f"trainer.best_metric={cfg.trainer.best_metric} does not exist for the "
+                        f"{task.cfg.name} task (no text answers): use loss or accuracy")
     return Prepared(task, objective, model_cfg, mesh)
 
 
 def make_tracker(cfg: TrainConfig, run_dir: Path, resume_step: int, config: dict) -> tuple[Tracker, str | None]:
     if not is_main_process():  # one writer per run, whatever the process count
         return MultiTracker([]), None
-    trackers: list[Tracker] = [JsonlTracker(run_dir / "metrics.jsonl", resume_step)]
+    trackers: list[Tracker] = [JsonlTracker(run_dir / METRICS, resume_step)]
     wandb_dir = None
     if cfg.logger.wandb.mode != "disabled":
         wb = cfg.logger.wandb
@@ -183,7 +170,7 @@ def train(cfg: TrainConfig, run_dir: Path | str, job_name: str | None = None) ->
     initialize_distributed(cfg.mesh)  # before anything touches the devices
     run_dir = Path(run_dir).absolute()
     prepared = prepare(cfg, run_dir)
-    finished = read_finished(run_dir)
+    finished = RunDir(run_dir).finished
     if finished is not None and finished["step"] >= cfg.trainer.steps:
         return finished_result(run_dir, finished)
     lock = RunLock(run_dir) if is_main_process() else contextlib.nullcontext()
@@ -230,7 +217,7 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
         restored = checkpointer.restore_latest(with_shardings(layout.abstract, layout.shardings))
     except StateMismatch as err:
         saved_meta = latest[1] if latest else {}
-        raise ConfigError(explain_state_mismatch(err, saved_meta, optimizer_settings)) from None
+        raise UserError(explain_state_mismatch(err, saved_meta, optimizer_settings)) from None
     if restored is not None:
         state, data_state, _ = restored
         data_iter.set_state(data_state)
@@ -243,17 +230,17 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     n_params = count_params(state.params)
     config = {
         **to_dict(cfg), "model": to_dict(model_cfg), "n_params": n_params,
-        "job_name": job_name, "objective": objective, **run_metadata(),
+        "job_name": job_name, "objective": objective.name, **run_metadata(),
         **({"init_from": init_plan.report()} if init_plan else {}),
     }
     tracker, wandb_dir = make_tracker(cfg, run_dir, start_step, config)
-    meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective,
+    meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective.name,
             **optimizer_settings}
 
     train_step = make_train_step(graphdef, rest, tx, schedule, objective,
                                  grad_accum=trainer.grad_accum, shardings=shardings)
     eval_step = make_eval_step(graphdef, rest, objective)
-    heldout = eval_set(task, objective)
+    heldout = objective.eval_set(task)
     every = trainer.diagnostics_every
     diagnose = make_diagnostics(graphdef, rest, tx, objective) if every else None
 
@@ -262,14 +249,14 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     def evaluate(step: int) -> dict[str, float]:
         nonlocal completions
         metrics = eval_loss(eval_step, state.params, heldout, trainer.eval_batch_size)
-        if task.tokenizer is not None:  # answers as text, checked by the task
+        if objective.text_answers:  # answers as text, checked by the task
             model = nnx.merge(graphdef, state.params, rest)
-            completions = greedy_completions(model, heldout, task, objective, trainer.eval_batch_size)
+            completions = objective.greedy_answers(model, heldout, task, trainer.eval_batch_size)
             metrics.update(exact_match(task, heldout, completions))
         tracker.log(metrics, step, "eval")
         return metrics
 
-    tokens_per_step = trainer.batch_size * task.max_positions(objective)
+    tokens_per_step = trainer.batch_size * objective.max_positions(task)
     pending_diagnostics: tuple[int, dict] | None = None  # read after the update is dispatched
     last_time, last_step = time.perf_counter(), start_step
     progress = tqdm(total=trainer.steps, initial=start_step,
@@ -349,7 +336,7 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
         progress.close()
         checkpointer.close()
         tracker.finish()
-    return TrainResult(run_dir, run_dir / "metrics.jsonl", wandb_dir, int(state.step), objective,
+    return TrainResult(run_dir, run_dir / METRICS, wandb_dir, int(state.step), objective.name,
                        eval_metrics, samples,
                        init_report=init_plan.report() if init_plan else None)
 

@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from jaxformer.config import ConfigError
+from jaxformer.errors import UserError
 
 FINISHED = "finished.json"  # written last, when the run reached trainer.steps
 LOCK = ".lock"
@@ -22,7 +22,7 @@ def check_writable(run_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(
+        raise UserError(
             f"run dir {run_dir} is not writable ({err.strerror}): set hydra.run.dir to a writable path"
         ) from None
 
@@ -43,7 +43,7 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise ConfigError(
+            raise UserError(
                 f"run dir {self.path.parent} is in use by {holder}: wait for that run, or set "
                 "another hydra.run.dir") from None
         self.file.seek(0)

@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from jaxformer.models.blocks import LayerStack
+from jaxformer.objectives import Objective
 from jaxformer.training.state import TrainState
 from jaxformer.training.step import Batch, dropout_key, training_loss
 
@@ -64,7 +65,8 @@ def _at(state: nnx.State, path: tuple) -> nnx.State:
 
 
 def make_diagnostics(
-    graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, objective: str,
+    graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
+    objective: Objective,
 ) -> Callable[[TrainState, Batch], dict]:
     def diagnosing_model(params: nnx.State) -> tuple[nnx.Module, dict]:
         model = nnx.merge(graphdef, params, rest)  # a copy: the train step's graph is untouched
