@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from jaxformer.errors import UserError
 
@@ -56,35 +56,52 @@ def _check_choice(prefix: str, obj: Any, name: str, choices: tuple[str, ...]) ->
         raise UserError(f"{prefix}.{name}={value!r} is not one of {', '.join(choices)}")
 
 
+# What a ModelConfig field means for a trained model's parameters (field metadata, read by
+# checkpoint resume, weight import and finetune.init_from):
+RUNTIME = "runtime"  # how the model runs, never what it computes: free to differ on resume/import
+COMPUTES = "computes"  # what the parameters compute, not their shapes: a source must match it
+
+
+def _field(default: Any, role: str) -> Any:
+    return field(default=default, metadata={"role": role})
+
+
 @dataclass
 class ModelConfig:
-    kind: str = "decoder"  # encoder (BERT-like) | decoder (GPT-like) | encoder_decoder (T5-like) | mlp
+    kind: str = _field("decoder", COMPUTES)  # encoder (BERT-like) | decoder (GPT-like) | encoder_decoder (T5-like) | mlp
     vocab_size: Optional[int] = None  # None: taken from the task's tokenizer
     input_dim: Optional[int] = None  # mlp: features per example; None: taken from the task
     max_len: int = 32  # context window (positions table size)
     d_model: int = 128
-    n_heads: int = 4
+    n_heads: int = _field(4, COMPUTES)
     n_layers: int = 2  # blocks per stack (the encoder's, for encoder_decoder; hidden layers, for mlp)
     n_decoder_layers: Optional[int] = None  # encoder_decoder's decoder stack; None: n_layers
     d_ff: int = 512
-    activation: str = "gelu"
-    positions: str = "learned"
-    rope_theta: float = 10000.0
-    norm: str = "pre"
-    residual: bool = True
-    embed_norm: bool = False  # LayerNorm after the embeddings (BERT)
-    final_norm: Optional[bool] = None  # LayerNorm after the last block; None: only for pre-LN
-    bias: bool = True  # biases in the attention and MLP projections
-    dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
+    activation: str = _field("gelu", COMPUTES)
+    positions: str = _field("learned", COMPUTES)
+    rope_theta: float = _field(10000.0, COMPUTES)  # compared only when positions=rope
+    norm: str = _field("pre", COMPUTES)
+    residual: bool = _field(True, COMPUTES)
+    embed_norm: bool = _field(False, COMPUTES)  # LayerNorm after the embeddings (BERT)
+    # LayerNorm after the last block; None: only for pre-LN (compared as use_final_norm)
+    final_norm: Optional[bool] = _field(None, COMPUTES)
+    bias: bool = _field(True, COMPUTES)  # biases in the attention and MLP projections
+    dropout: float = _field(0.0, RUNTIME)
+    layer_norm_eps: float = _field(1e-5, COMPUTES)
     init: str = "normal"  # dense kernels: normal(0.02) | xavier (Glorot uniform) | he (He normal)
-    attention: str = "xla"  # xla: jax.nn.dot_product_attention | reference: explicit softmax
-    scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
+    # xla: jax.nn.dot_product_attention | reference: explicit softmax
+    attention: str = _field("xla", RUNTIME)
+    scan_layers: bool = _field(True, RUNTIME)  # lax.scan over stacked layers: compile time flat in depth
     type_vocab_size: int = 0  # encoder token-type (segment) embeddings; 0: none
     num_classes: int = 0  # encoder classification head; 0: none (set from a classification task)
     pooling: str = "cls"  # classification input: cls (first token, tanh pooler) | mean
-    dtype: str = "float32"
+    dtype: str = _field("float32", RUNTIME)  # compute dtype; parameters stay param_dtype
     param_dtype: str = "float32"
+
+    @classmethod
+    def fields_with_role(cls, role: str) -> tuple[str, ...]:
+        """The fields marked RUNTIME or COMPUTES."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("role") == role)
 
     def __post_init__(self) -> None:
         _check_choice("model", self, "kind", MODEL_KINDS)
@@ -434,17 +451,30 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
-def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Build (and so validate) the typed config from a composed DictConfig."""
+def to_config(cfg: DictConfig, schema: type, usage: str) -> Any:
+    """Build (and so validate) the typed config a composed DictConfig stands for; a missing
+    required key names the command's `usage`, other problems their first line."""
     try:
         obj = OmegaConf.to_object(cfg)
     except UserError:
         raise
-    except Exception as err:  # OmegaConf type errors, missing values
-        raise UserError(str(err).splitlines()[0]) from None
-    if not isinstance(obj, TrainConfig):
-        raise UserError("the composed config is not a TrainConfig: start it from conf/train.yaml")
+    except MissingMandatoryValue as err:
+        raise UserError(f"{err.full_key} is required: {usage}") from err
+    except Exception as err:  # OmegaConf type errors
+        raise UserError(str(err).splitlines()[0]) from err
+    if not isinstance(obj, schema):
+        raise UserError(f"the composed config is not a {schema.__name__}: {usage}")
     return obj
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    return to_config(cfg, TrainConfig, "python -m jaxformer.train [overrides] (conf/train.yaml)")
+
+
+def check_step(step: int | None) -> None:
+    """A checkpoint step setting (`step=`): a step, or null for the latest checkpoint."""
+    if step is not None and step < 0:
+        raise UserError(f"step={step} must be >= 0 (or null for the latest checkpoint)")
 
 
 def to_dict(config: Any) -> dict:

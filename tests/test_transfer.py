@@ -36,10 +36,10 @@ from jaxformer.interop import read_hf_decoder, save_hf_decoder
 from jaxformer.interop.params import model_params
 from jaxformer.models import build_model
 from jaxformer.parallel import make_mesh, use_mesh
-from jaxformer.training.finetune import freeze_plan, make_train_optimizer
+from jaxformer.training.finetune import freeze_plan, freeze_plan_for
 from jaxformer.training.init_from import apply_init, plan_init
 from jaxformer.training.loop import train
-from jaxformer.training.optim import make_schedule
+from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.models import split_model
 from jaxformer.training.state import create_train_state, init_train_state, state_layout
 from jaxformer.training.step import make_train_step
@@ -128,7 +128,7 @@ def steps_on_sort(optim: OptimConfig, ft: FinetuneConfig, n_steps: int):
     config = sort_config()
     task = build_task(config.task)
     model_cfg = dataclasses.replace(config.model, vocab_size=task.tokenizer.get_vocab_size())
-    tx = make_train_optimizer(optim, ft, model_cfg, total_steps=10)
+    tx = make_optimizer(optim, 10, freeze_plan_for(ft, model_cfg))
     graphdef, params, rest = split_model(build_model(model_cfg, seed=0))
     before = jax.device_get(nnx.to_pure_dict(params))
     state = create_train_state(params, tx, seed=0)
@@ -194,7 +194,7 @@ def test_gpt2_folder_of_another_alphabet_loads_rows_by_token(tmp_path):
     model_cfg = dataclasses.replace(config.model, vocab_size=task.tokenizer.get_vocab_size())
     mesh = make_mesh(config.mesh)
     with use_mesh(mesh):
-        tx = make_train_optimizer(config.optim, config.finetune, model_cfg, 10)
+        tx = make_optimizer(config.optim, 10, freeze_plan_for(config.finetune, model_cfg))
         layout = state_layout(model_cfg, tx, config.seed, mesh)
         plan = plan_init(config.finetune, model_cfg, task.tokenizer, layout.abstract.params)
         fresh = init_train_state(model_cfg, tx, config.seed, layout.shardings)

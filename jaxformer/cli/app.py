@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from jaxformer.config import register_configs
 from jaxformer.errors import UserError
@@ -169,19 +169,6 @@ def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
             arg = f"{key}='{value}'"
         out.append(arg)
     return out
-
-
-def typed_config(cfg: DictConfig, usage: str):
-    """The dataclass a composed config stands for, built (and so validated); a missing required
-    key names the command's usage, other problems their first line."""
-    try:
-        return OmegaConf.to_object(cfg)
-    except UserError:
-        raise
-    except MissingMandatoryValue as err:
-        raise UserError(f"{err.full_key} is required: {usage}") from None
-    except Exception as err:  # OmegaConf type errors
-        raise UserError(str(err).splitlines()[0]) from None
 
 
 EXCLUDED_FROM_JOB_NAMES = ("experiment", "hydra.run.dir", "hydra.sweep.dir")

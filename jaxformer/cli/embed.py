@@ -15,9 +15,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from jaxformer.cli.app import (
-    CONF_PATH, quiet_libraries, register_schema, run_app, typed_config, user_errors,
-)
+from jaxformer.cli.app import CONF_PATH, quiet_libraries, register_schema, run_app, user_errors
+from jaxformer.config import to_config
 from jaxformer.inference.embeddings import EmbedConfig, nearest_neighbours, run_embed
 
 SHOWN_CHARS = 60  # of each line in the neighbour printout
@@ -27,7 +26,7 @@ register_schema("embed_schema", EmbedConfig)
 
 def to_embed_config(cfg: DictConfig) -> EmbedConfig:
     """Build (and so validate) the typed config from a composed DictConfig."""
-    return typed_config(cfg, "python -m jaxformer.embed model_dir=DIR input=lines.txt")
+    return to_config(cfg, EmbedConfig, "python -m jaxformer.embed model_dir=DIR input=lines.txt")
 
 
 def clip(text: str) -> str:

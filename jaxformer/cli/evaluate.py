@@ -8,9 +8,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from jaxformer.cli.app import (
-    CONF_PATH, quiet_libraries, register_schema, run_app, typed_config, user_errors,
-)
+from jaxformer.cli.app import CONF_PATH, quiet_libraries, register_schema, run_app, user_errors
+from jaxformer.config import to_config
 from jaxformer.inference.test_time import EvaluateConfig, Evaluation, evaluate_run
 
 quiet_libraries()
@@ -18,7 +17,7 @@ register_schema("evaluate_schema", EvaluateConfig)
 
 
 def to_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
-    return typed_config(cfg, "python -m jaxformer.evaluate checkpoint=RUN_DIR")
+    return to_config(cfg, EvaluateConfig, "python -m jaxformer.evaluate checkpoint=RUN_DIR")
 
 
 def report(evaluation: Evaluation) -> None:

@@ -10,9 +10,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from jaxformer.cli.app import (
-    CONF_PATH, quiet_libraries, register_schema, run_app, typed_config, user_errors,
-)
+from jaxformer.cli.app import CONF_PATH, quiet_libraries, register_schema, run_app, user_errors
+from jaxformer.config import to_config
 from jaxformer.inference.attention_maps import InspectConfig, inspect_run
 
 FREE_TEXT_KEYS = ("text", "target")
@@ -22,7 +21,7 @@ register_schema("inspect_schema", InspectConfig)
 
 def to_inspect_config(cfg: DictConfig) -> InspectConfig:
     """Build (and so validate) the typed config from a composed DictConfig."""
-    return typed_config(cfg, "python -m jaxformer.inspect checkpoint=RUN_DIR text=TEXT")
+    return to_config(cfg, InspectConfig, "python -m jaxformer.inspect checkpoint=RUN_DIR text=TEXT")
 
 
 @hydra.main(version_base=None, config_path=CONF_PATH, config_name="inspect")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from jaxformer.cli.app import (
-    CONF_PATH, quiet_libraries, register_schema, run_app, typed_config, user_errors,
-)
+from jaxformer.cli.app import CONF_PATH, quiet_libraries, register_schema, run_app, user_errors
+from jaxformer.config import to_config
 from jaxformer.inference.sampling import SampleConfig, Sampled, sample_run
 
 FREE_TEXT_KEYS = ("prompt",)
@@ -20,7 +19,7 @@ register_schema("sample_schema", SampleConfig)
 
 
 def to_sample_config(cfg: DictConfig) -> SampleConfig:
-    return typed_config(cfg, "python -m jaxformer.sample checkpoint=RUN_DIR prompt=TEXT")
+    return to_config(cfg, SampleConfig, "python -m jaxformer.sample checkpoint=RUN_DIR prompt=TEXT")
 
 
 def report(config: SampleConfig, sampled: Sampled, title: str) -> None:

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from omegaconf import MISSING
 from tokenizers import Tokenizer
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import ModelConfig, check_step
 from jaxformer.data.tokenizers import BOS_ID, encode_text
 from jaxformer.errors import UserError
 from jaxformer.runs import RunDir
@@ -40,8 +40,7 @@ class InspectConfig:
             raise UserError("text is empty: pass the text to inspect, e.g. text=12+34=")
         if self.target is not None and not self.target.strip():
             raise UserError("target is empty: give a target text or drop it (then <bos> alone)")
-        if self.step is not None and self.step < 0:
-            raise UserError(f"step={self.step} must be >= 0 (or null for the latest checkpoint)")
+        check_step(self.step)
         RunDir.open(self.checkpoint)
 
     @property

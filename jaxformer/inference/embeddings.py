@@ -73,7 +73,10 @@ Encode = Callable[[list[str]], tuple[list[list[int]], int]]  # lines -> (token i
 
 def load_encoder(config: EmbedConfig) -> tuple[nnx.Module, Encode]:
     """The encoder of `model_dir` and how to turn lines into its token ids."""
-    from jaxformer.interop import InteropError, load_hf_encoder  # after the config checks: slow
+    from jaxformer.interop import (  # after the config checks: slow
+        InteropError,
+        load_hf_encoder,
+    )
     from jaxformer.runs import CHECKPOINTS, restore_run
 
     path = Path(config.model_dir)

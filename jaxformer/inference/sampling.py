@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from omegaconf import MISSING
 
-from jaxformer.config import SamplingConfig
+from jaxformer.config import SamplingConfig, check_step
 from jaxformer.errors import UserError
 from jaxformer.models.decoding import completion_texts, ended_at_eos, generate
 from jaxformer.objectives import generative_objective
@@ -34,8 +34,7 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if not self.prompt:
             raise UserError("prompt is empty: pass the text to complete, e.g. prompt=12+34=")
-        if self.step is not None and self.step < 0:
-            raise UserError(f"step={self.step} must be >= 0 (or null for the latest checkpoint)")
+        check_step(self.step)
         RunDir.open(self.checkpoint)
 
 

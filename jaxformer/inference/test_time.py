@@ -36,7 +36,7 @@ from omegaconf import MISSING
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from jaxformer.config import LoggerConfig, SamplingConfig, TrainConfig, to_dict
+from jaxformer.config import LoggerConfig, SamplingConfig, TrainConfig, check_step, to_dict
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.errors import UserError
 from jaxformer.inference.selection import selection_metrics
@@ -59,8 +59,7 @@ class EvaluateConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def __post_init__(self) -> None:
-        if self.step is not None and self.step < 0:
-            raise UserError(f"step={self.step} must be >= 0 (or null for the latest checkpoint)")
+        check_step(self.step)
         if self.num_problems is not None and self.num_problems < 1:
             raise UserError(f"num_problems={self.num_problems} must be >= 1 (or null for all)")
         if self.majority_resamples < 1:

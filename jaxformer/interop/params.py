@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxformer.config import ModelConfig
+from jaxformer.config import RUNTIME, ModelConfig
 from jaxformer.errors import UserError
 from jaxformer.models import build_model
 
@@ -34,7 +34,7 @@ HF_ACTIVATIONS = {
 }
 
 # ModelConfig fields that change how a model runs, never what it computes: safe to override
-RUNTIME_FIELDS = ("scan_layers", "attention", "dtype", "dropout")
+RUNTIME_FIELDS = ModelConfig.fields_with_role(RUNTIME)
 
 
 def require(origin: str, field: str, value, allowed: Iterable, hint: str = "") -> None:

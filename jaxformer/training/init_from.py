@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx, traverse_util
 from tokenizers import Tokenizer
 
-from jaxformer.config import FinetuneConfig, ModelConfig
+from jaxformer.config import COMPUTES, FinetuneConfig, ModelConfig
 from jaxformer.errors import UserError
 from jaxformer.interop import InteropError, read_hf_decoder, read_hf_encoder
 from jaxformer.interop.params import model_params
@@ -40,9 +40,6 @@ from jaxformer.training.state import TrainState
 log = logging.getLogger(__name__)
 
 HF_READERS = {"bert": read_hf_encoder, "gpt2": read_hf_decoder}
-# fields that change what a parameter computes without changing its shape
-ARCHITECTURE = ("kind", "n_heads", "activation", "positions", "norm", "residual", "embed_norm",
-                "final_norm", "bias", "layer_norm_eps")
 # the source's names for jaxformer's special tokens (BERT, GPT-2)
 SPECIAL_ALIASES = {"<pad>": ("[PAD]",), "<bos>": ("[CLS]", "<|endoftext|>"),
                    "<eos>": ("[SEP]", "<|endoftext|>"), "<unk>": ("[UNK]",), "<mask>": ("[MASK]",)}
@@ -102,7 +99,8 @@ def check_architecture(source: ModelConfig, model: ModelConfig, where: str) -> N
     def value(cfg: ModelConfig, name: str):
         return cfg.use_final_norm if name == "final_norm" else getattr(cfg, name)
 
-    names = [*ARCHITECTURE, *(["rope_theta"] if model.positions == "rope" else [])]
+    names = [name for name in ModelConfig.fields_with_role(COMPUTES)
+             if name != "rope_theta" or model.positions == "rope"]
     differ = [f"model.{name}={value(source, name)!r} there, {value(model, name)!r} here"
               for name in names if value(source, name) != value(model, name)]
     if differ:

@@ -33,11 +33,11 @@ from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker
 from jaxformer.training.checkpoint import (
     Checkpointer, StateMismatch, check_compatible, explain_state_mismatch,
 )
-from jaxformer.training.finetune import make_train_optimizer
+from jaxformer.training.finetune import freeze_plan_for
 from jaxformer.training.diagnostics import diagnostics_metrics, make_diagnostics
 from jaxformer.training.evaluation import eval_loss, exact_match
 from jaxformer.training.init_from import apply_init, plan_init
-from jaxformer.training.optim import make_schedule
+from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.training.preemption import Preempted, SaveTriggers
 from jaxformer.training.run_dir import RunLock, check_writable, write_finished
 from jaxformer.training.state import init_train_state, state_layout
@@ -197,7 +197,7 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
 
     if trainer.compilation_cache_dir:
         use_compilation_cache(trainer.compilation_cache_dir)
-    tx = make_train_optimizer(cfg.optim, cfg.finetune, model_cfg, trainer.steps)
+    tx = make_optimizer(cfg.optim, trainer.steps, freeze_plan_for(cfg.finetune, model_cfg))
     schedule = make_schedule(cfg.optim, trainer.steps)
     layout = state_layout(model_cfg, tx, cfg.seed, mesh)  # shapes + shardings, no arrays yet
     init_plan = None
