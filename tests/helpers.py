@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import subprocess
 import sys
@@ -63,10 +62,13 @@ def multidevice_env(devices: int) -> dict:
             "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
-def read_losses(metrics_path: Path) -> dict[int, float]:
-    """step -> train loss from a run's metrics.jsonl."""
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+def read_losses(path: Path) -> dict[int, float]:
+    """step -> train loss of a run (its run dir, or its metrics.jsonl)."""
+    from jaxformer.runs import METRICS, RunDir
+
+    path = Path(path)
+    return {r["step"]: r["loss"] for r in RunDir(path.parent if path.name == METRICS else path)
+            .metrics("train")}
 
 
 # -- the runs tests/test_parallel.py compares across meshes (and tests/multidevice_runs.py runs) --

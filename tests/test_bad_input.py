@@ -4,7 +4,6 @@ already wrote is lost."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from jaxformer.cli.app import preflight
 from jaxformer.config import TrainConfig, register_configs, to_train_config
 from jaxformer.errors import UserError
 from jaxformer.data.tokenizers import load_tokenizer
+from jaxformer.runs import RunDir
 from jaxformer.runs import restore_run as restore_params
 from jaxformer.interop import InteropError, load_hf_decoder, load_hf_encoder
 from jaxformer.training.loop import train
@@ -177,4 +177,4 @@ def test_a_refused_resume_loses_nothing(tmp_path):
     after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     assert after.keys() == before.keys() and all(after[p] == before[p] for p in before
                                                   if p.name != ".lock")
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+    assert RunDir(tmp_path).metrics()[-1]["step"] == 6

@@ -4,7 +4,6 @@ plain MLP and on every transformer family, and the sigmoid-vs-relu sanity at ini
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +13,14 @@ import pytest
 
 from helpers import replace, tiny_config
 from jaxformer.config import ModelConfig, OptimConfig
-from jaxformer.models import build_model, resolve_model_config
+from jaxformer.models import build_model, resolve_model_config, split_model
 from jaxformer.models.layers import ACTIVATION_FNS
 from jaxformer.models.probes import activation_stats
 from jaxformer.objectives import OBJECTIVES
+from jaxformer.runs import RunDir
 from jaxformer.training.diagnostics import diagnostics_metrics, make_diagnostics
 from jaxformer.training.loop import train
 from jaxformer.training.optim import make_optimizer, make_schedule
-from jaxformer.models import split_model
 from jaxformer.training.state import create_train_state
 from jaxformer.training.step import make_train_step
 
@@ -210,7 +209,7 @@ def test_training_with_diagnostics_logs_per_layer_records(tmp_path):
     config = replace(tiny_config(steps=5, eval_every=5, checkpoint_every=5, diagnostics_every=2),
                      model={"n_layers": 3})
     train(config, tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(tmp_path).metrics()
     diagnostics = [r for r in records if r["split"] == "diagnostics"]
     assert [r["step"] for r in diagnostics] == [0, 2, 4]  # before the updates 1, 3 and 5
     for stat in ("grad_norm", "act_grad_norm", "act_mean", "act_std", "update_ratio",
@@ -225,5 +224,5 @@ def test_training_with_diagnostics_logs_per_layer_records(tmp_path):
 
 def test_diagnostics_off_by_default_add_nothing(tmp_path):
     train(tiny_config(steps=2, eval_every=2, checkpoint_every=2), tmp_path)
-    splits = {json.loads(line)["split"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+    splits = {record["split"] for record in RunDir(tmp_path).metrics()}
     assert splits == {"train", "eval", "summary"}

@@ -25,6 +25,7 @@ from helpers import (
 from jaxformer.config import MeshConfig, register_configs
 from jaxformer.errors import UserError
 from jaxformer.parallel import logical_to_spec, mesh_shape
+from jaxformer.runs import RunDir
 from jaxformer.training.loop import train
 
 register_configs()
@@ -201,8 +202,7 @@ def test_two_processes_train_one_run(single_device, tmp_path):
         assert proc.returncode == 0, stderr[-3000:]
     report = "held-out greedy exact match"  # the run's summary: printed by process 0 only
     assert report in outputs[0][0] and report not in outputs[1][0]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # one writer
+    assert [r["step"] for r in RunDir(run_dir).metrics("train")] == [1, 2, 3, 4]  # one writer
     assert (run_dir / ".hydra" / "config.yaml").is_file()
-    assert_same_losses(read_losses(run_dir / "metrics.jsonl"), single_device["decoder"],
+    assert_same_losses(read_losses(run_dir), single_device["decoder"],
                        "2 processes x 4 devices")

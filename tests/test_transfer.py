@@ -104,7 +104,7 @@ def test_sharded_finetuning_loads_and_trains_as_on_one_device(pretrained, finetu
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one = read_losses(finetuned.metrics_path)
-    eight = read_losses(tmp_path / "run" / "metrics.jsonl")
+    eight = read_losses(tmp_path / "run")
     assert sorted(one) == sorted(eight) == [1, 2]
     np.testing.assert_allclose([eight[s] for s in (1, 2)], [one[s] for s in (1, 2)], rtol=1e-5)
     source, sharded = params_of(pretrained), params_of(tmp_path / "run")
@@ -119,7 +119,7 @@ def test_resume_takes_precedence_over_init_from(finetuned, tmp_path):
     config = replace(finetuned_config(tmp_path / "gone"), trainer={"steps": 4})
     result = train(config, tmp_path / "run")
     assert result.step == 4 and result.init_report is None
-    assert sorted(read_losses(tmp_path / "run" / "metrics.jsonl")) == [1, 2, 3, 4]
+    assert sorted(read_losses(tmp_path / "run")) == [1, 2, 3, 4]
 
 
 # -- the optimizer: frozen groups, frozen lower blocks, per-group learning rates -----------------
