@@ -86,7 +86,7 @@ class Checkpointer:
             item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
         try:
             tree = reader.item_metadata(step)[STATE_ITEM]
-            return set(ocp.tree.to_flat_dict(getattr(tree, "tree", tree), sep="."))
+            return array_paths(getattr(tree, "tree", tree))
         finally:
             reader.close()
 
@@ -164,9 +164,16 @@ class Checkpointer:
 
 
 
+def array_paths(tree: Any) -> set[str]:
+    """The paths of a (serialised) tree's arrays, in orbax's flat names (`opt_state.1.0.mu...`);
+    empty nodes (optax's EmptyState, a frozen group's MaskedNode) hold no array and no path."""
+    flat = ocp.tree.to_flat_dict(tree, sep=".")
+    return {path for path, leaf in flat.items() if hasattr(leaf, "shape")}
+
+
 def state_paths(abstract_state: TrainState) -> set[str]:
-    """The array paths a train state saves as (orbax's flat names: `opt_state.1.0.mu.embed...`)."""
-    return set(ocp.tree.to_flat_dict(ocp.tree.serialize_tree(abstract_state), sep="."))
+    """The array paths a train state saves as."""
+    return array_paths(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
 
 
 class StateMismatch(UserError):
