@@ -87,7 +87,8 @@ def _one_line(err: Exception) -> str:
                 options.append(line.strip())
         return f"{head} (options: {', '.join(options)})"
     cause = err.__cause__
-    if cause is not None and str(cause).strip():
+    # a UserError says all in its own line; Hydra's errors keep the reason in their cause
+    if cause is not None and str(cause).strip() and not isinstance(err, UserError):
         return f"{head}: {str(cause).strip().splitlines()[0]}"
     return head
 

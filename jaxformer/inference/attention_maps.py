@@ -172,4 +172,4 @@ def inspect_run(config: InspectConfig) -> list[Path]:
         return [plot_attention(m, config.output_dir / f"{m.name}.png", subtitle) for m in maps]
     except OSError as err:
         raise UserError(f"out_dir={config.output_dir} is not writable ({err.strerror}): "
-                          "choose another out_dir") from None
+                          "choose another out_dir") from err

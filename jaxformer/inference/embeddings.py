@@ -56,12 +56,12 @@ def read_lines(path: str) -> list[str]:
     try:
         lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines()
                  if line.strip()]
-    except FileNotFoundError:
+    except FileNotFoundError as err:
         raise UserError(f"input={path} does not exist: give a text file, one text per line") \
-            from None
+            from err
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"input={path} cannot be read ({getattr(err, 'strerror', None) or err})"
-                          ) from None
+                          ) from err
     if not lines:
         raise UserError(f"input={path} has no non-blank lines: put one text per line")
     return lines
@@ -97,7 +97,7 @@ def load_encoder(config: EmbedConfig) -> tuple[nnx.Module, Encode]:
     try:
         model, tokenizer = load_hf_encoder(path)
     except InteropError as err:
-        raise UserError(f"model_dir: {err}") from None
+        raise UserError(f"model_dir: {err}") from err
     pad_id = (tokenizer.padding or {}).get("pad_id", 0)
     tokenizer.no_padding()  # the batch pads itself, to its longest line
     if tokenizer.truncation is None:
@@ -154,5 +154,5 @@ def run_embed(config: EmbedConfig) -> tuple[Path, np.ndarray, list[str]]:
         np.save(out, embeddings)
     except OSError as err:
         raise UserError(f"out={out} is not writable ({err.strerror}): choose another path") \
-            from None
+            from err
     return out, embeddings, lines

@@ -252,7 +252,7 @@ def evaluate_run(config: EvaluateConfig) -> Evaluation:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"out_dir={config.output_dir} is not writable ({err.strerror}): "
-                        "choose another out_dir") from None
+                        "choose another out_dir") from err
     records = run.sample_problems(directory / "samples.jsonl")
     summary = {"checkpoint": str(Path(config.checkpoint).absolute()), "step": run.step,
                "settings": key, "problems": len(records), **to_dict(config.sampling),

@@ -56,7 +56,7 @@ def make_config(origin: str, overrides: Mapping, **fields) -> ModelConfig:
     try:
         return ModelConfig(**{**fields, **overrides})
     except UserError as err:
-        raise InteropError(f"{origin}: {err}") from None
+        raise InteropError(f"{origin}: {err}") from err
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,9 @@ def open_source(init_from: str, step: int | None) -> Source:
     except (InteropError, UserError) as err:
         message = str(err)
         raise UserError(message if message.startswith("finetune.") else f"{key}: {message}") \
-            from None
+            from err
     except OSError as err:
-        raise UserError(f"{key} cannot be read ({err.strerror}: {err.filename})") from None
+        raise UserError(f"{key} cannot be read ({err.strerror}: {err.filename})") from err
 
 
 def check_architecture(source: ModelConfig, model: ModelConfig, where: str) -> None:

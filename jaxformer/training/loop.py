@@ -217,7 +217,7 @@ def _train(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
         restored = checkpointer.restore_latest(with_shardings(layout.abstract, layout.shardings))
     except StateMismatch as err:
         saved_meta = latest[1] if latest else {}
-        raise UserError(explain_state_mismatch(err, saved_meta, optimizer_settings)) from None
+        raise UserError(explain_state_mismatch(err, saved_meta, optimizer_settings)) from err
     if restored is not None:
         state, data_state, _ = restored
         data_iter.set_state(data_state)

@@ -24,7 +24,7 @@ def check_writable(run_dir: Path) -> None:
     except OSError as err:
         raise UserError(
             f"run dir {run_dir} is not writable ({err.strerror}): set hydra.run.dir to a writable path"
-        ) from None
+        ) from err
 
 
 class RunLock:
@@ -39,13 +39,13 @@ class RunLock:
         self.file = self.path.open("a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as err:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
             raise UserError(
                 f"run dir {self.path.parent} is in use by {holder}: wait for that run, or set "
-                "another hydra.run.dir") from None
+                "another hydra.run.dir") from err
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
