@@ -98,7 +98,7 @@ def test_encoder_run_dir_embeds_with_its_own_tokenizer(tmp_path):
     (lambda tmp, minilm: dict(input=str(write(tmp / "blank.txt", "\n  \n"))),
      "has no non-blank lines"),
     (lambda tmp, minilm: dict(model_dir=str(tmp / "nowhere")), "is not a folder"),
-    (lambda tmp, minilm: dict(pooling="max"), "pooling='max' is not one of mean, cls"),
+    (lambda tmp, minilm: dict(pooling="max"), "pooling='max' is not one of cls, mean"),
     (lambda tmp, minilm: dict(model_dir=str(write_run(tmp / "dec", "decoder") or tmp / "dec")),
      "holds a decoder: embeddings come from an encoder run or a BERT folder"),
     (lambda tmp, minilm: dict(model_dir=str(write(tmp / "gpt2" / "config.json",

@@ -98,8 +98,8 @@ class Checkpointer:
         try:
             saved = self.saved_state_paths(step)
         except Exception as err:  # noqa: BLE001 (orbax raises many kinds on corrupt files)
-            raise UserError(f"checkpoint {where} is unreadable "
-                            f"({str(err).strip().splitlines()[0]})") from err
+            raise UserError(f"checkpoint {where} does not restore (unreadable metadata: "
+                            f"{str(err).strip().splitlines()[0]})") from err
         wanted = state_paths(abstract_state)
         if saved != wanted:
             raise StateMismatch(f"checkpoint {where} holds a train state of another layout "
