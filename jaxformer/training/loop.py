@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flax import nnx
-from tqdm import tqdm
 
 from jaxformer.config import TrainConfig
 from jaxformer.parallel import global_batch, initialize_distributed, is_main_process, use_mesh
+from jaxformer.progress import Progress
 from jaxformer.runs import METRICS, RunDir
 from jaxformer.training.evaluation import eval_loss, exact_match
 from jaxformer.training.hooks import Hooks, StepInfo
@@ -91,9 +91,8 @@ class TrainingLoop:
         trainer = self.trainer = cfg.trainer
         self.run_dir, self.prepared, self.setup, self.triggers = run_dir, prepared, setup, triggers
         self.loop = LoopState(setup.state)
-        self.progress = tqdm(total=trainer.steps, initial=setup.start_step,
-                             disable=not (trainer.progress and is_main_process()),
-                             desc="train", unit="step", dynamic_ncols=True)
+        self.progress = Progress(trainer.steps, initial=setup.start_step, desc="train",
+                                 unit="step", enabled=trainer.progress and is_main_process())
         tokens_per_step = trainer.batch_size * prepared.objective.max_positions(prepared.task)
         self.log = TrainLog(setup.tracker, trainer, setup.checkpointer, self.progress,
                             tokens_per_step, setup.start_step)

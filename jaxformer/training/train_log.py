@@ -9,10 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tqdm import tqdm
-
 from jaxformer.config import TrainerConfig
 from jaxformer.parallel import to_host
+from jaxformer.progress import Progress
 from jaxformer.tracking import Tracker
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.diagnostics import diagnostics_metrics
@@ -44,7 +43,7 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 class TrainLog:
     def __init__(self, tracker: Tracker, trainer: TrainerConfig, checkpointer: Checkpointer,
-                 progress: tqdm, tokens_per_step: int, start_step: int):
+                 progress: Progress, tokens_per_step: int, start_step: int):
         self.tracker, self.trainer, self.checkpointer = tracker, trainer, checkpointer
         self.progress, self.tokens_per_step = progress, tokens_per_step
         self.pending: tuple[int, dict] | None = None  # a dispatched step's metrics, unread
@@ -84,6 +83,5 @@ class TrainLog:
                                    / max(now - self.last_time, 1e-9))
         self.last_time, self.last_step = now, step
         self.tracker.log(metrics, step, "train")  # a skipped step is part of the run's record
-        self.progress.set_postfix(loss=f"{metrics['loss']:.4f}",
-                                  tok_s=f"{metrics['tokens_per_s']:.0f}")
+        self.progress.report(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         check_finite(metrics, step, self.trainer, self.checkpointer)
