@@ -134,7 +134,9 @@ class TrainingLoop:
     def diagnose(self, info: StepInfo) -> None:
         """Per-layer diagnostics of the update about to be taken (before the state is donated)."""
         restored_step = self.setup.resumed and info.step == self.setup.start_step
-        if not restored_step:  # the run that saved that step logged its diagnostics
+        # left to the run that saved that step, which logged them after its checkpoint (a run
+        # that ended right there, preempted or at its last step, did not: they stay missing)
+        if not restored_step:
             self.log.record_diagnostics(info.step, self.setup.diagnose(info.state, info.batch))
 
     def evaluate_and_report(self, info: StepInfo) -> None:
@@ -159,8 +161,8 @@ class TrainingLoop:
                or best_candidate or self.triggers.time_to_save())
         if due:
             self.log.flush()  # never checkpoint a step before its finiteness is known
-            setup.checkpointer.save(info.step, info.state, setup.data_iter.get_state(), setup.meta,
-                                  eval_metrics=evaluated, force=True)
+            setup.checkpointer.save(info.step, info.state, setup.data_iter.get_state(),
+                                    setup.meta, eval_metrics=evaluated, force=True)
             self.triggers.saved()
 
     def stop_when_preempted(self, info: StepInfo) -> None:
