@@ -236,3 +236,5 @@ def test_cli_evaluate_writes_outputs_and_an_offline_wandb_run(runs, tmp_path):
     assert len((directory / "samples.jsonl").read_text().splitlines()) == 3
     assert list((directory / "wandb").glob("offline-run-*"))
     assert "greedy accuracy" in done.stdout and str(directory / "summary.json") in done.stdout
+    # stderr is a pipe, not a terminal: a plain progress line per batch, no bar (its rate field)
+    assert "evaluate 3/3 problems, elapsed " in done.stderr and "problem/s" not in done.stderr

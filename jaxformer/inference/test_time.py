@@ -34,7 +34,6 @@ import numpy as np
 from flax import nnx
 from omegaconf import MISSING
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from jaxformer.config import LoggerConfig, SamplingConfig, TrainConfig, check_step, to_dict
 from jaxformer.data.tasks import Task, build_task
@@ -43,6 +42,7 @@ from jaxformer.inference.selection import selection_metrics
 from jaxformer.models.decoding import completion_texts, ended_at_eos, generate
 from jaxformer.objectives import EvalSet, GenerativeObjective, generative_objective
 from jaxformer.parallel import to_host
+from jaxformer.progress import Progress
 from jaxformer.runs import RunDir
 from jaxformer.tracking import WandbTracker, run_metadata
 
@@ -138,8 +138,8 @@ class TestTimeRun:
         sampling = self.config.sampling
         seed_key = jax.random.key(sampling.seed)
         batch = min(sampling.batch_size, self.num_problems)
-        with path.open("a") as out, tqdm(total=self.num_problems, initial=len(records),
-                                         desc="evaluate", unit="problem", dynamic_ncols=True) as bar:
+        with path.open("a") as out, Progress(self.num_problems, initial=len(records),
+                                             desc="evaluate", unit="problem") as progress:
             for start in range(len(records), self.num_problems, batch):
                 real = np.arange(start, min(start + batch, self.num_problems))
                 rows = np.resize(real, batch)  # one compiled shape: the tail repeats real rows
@@ -163,7 +163,8 @@ class TestTimeRun:
                     out.write(json.dumps(record) + "\n")
                     records.append(record)
                 out.flush()
-                bar.update(len(real))
+                progress.update(len(real))
+                progress.report()  # off a terminal: one line per batch
         return records[: self.num_problems]
 
     def _resume(self, path: Path) -> list[dict]:
