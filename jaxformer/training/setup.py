@@ -33,7 +33,7 @@ from jaxformer.parallel import (
     replicated,
     with_shardings,
 )
-from jaxformer.runs import METRICS
+from jaxformer.runs import CHECKPOINTS, METRICS, TOKENIZER
 from jaxformer.tracking import JsonlTracker, MultiTracker, Tracker, WandbTracker, run_metadata
 from jaxformer.training.checkpoint import (
     Checkpointer,
@@ -154,14 +154,14 @@ def set_up(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     task, objective, model_cfg, mesh = (prepared.task, prepared.objective, prepared.model_cfg,
                                         prepared.mesh)
     trainer = cfg.trainer
-    checkpointer = Checkpointer(run_dir / "checkpoints", trainer.keep_checkpoints,
+    checkpointer = Checkpointer(run_dir / CHECKPOINTS, trainer.keep_checkpoints,
                                 trainer.checkpoint_every, keep_best=trainer.keep_best,
                                 best_metric=trainer.best_metric, best_mode=trainer.best_direction)
     latest = checkpointer.latest_meta()
     if latest is not None:  # refuse another model's checkpoint before building anything
         check_compatible(latest[1]["model"], to_dict(model_cfg), checkpointer.directory)
     if is_main_process() and task.tokenizer is not None:
-        save_tokenizer(task.tokenizer, run_dir / "tokenizer.json")
+        save_tokenizer(task.tokenizer, run_dir / TOKENIZER)
 
     if trainer.compilation_cache_dir:
         use_compilation_cache(trainer.compilation_cache_dir)
