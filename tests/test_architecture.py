@@ -14,7 +14,7 @@ PACKAGE = REPO / "jaxformer"
 LAYERS = [
     {"errors"},
     {"config"},
-    {"parallel", "tracking"},
+    {"parallel", "tracking", "progress"},
     {"data"},
     {"models"},
     {"objectives", "interop"},

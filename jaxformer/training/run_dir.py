@@ -1,5 +1,6 @@
-"""The run directory's own bookkeeping: writability, a lock against two runs writing into one
-directory, and the marker a finished run leaves so a relaunched sweep skips it."""
+"""What training writes into its run directory besides metrics and checkpoints: writability, a
+lock against two runs writing into one directory, and the marker a finished run leaves so a
+relaunched sweep skips it (jaxformer/runs.py reads it)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import socket
 from pathlib import Path
 
 from jaxformer.errors import UserError
+from jaxformer.runs import FINISHED
 
-FINISHED = "finished.json"  # written last, when the run reached trainer.steps
 LOCK = ".lock"
 
 
@@ -55,17 +56,6 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
-
-
-def read_finished(run_dir: Path) -> dict | None:
-    """The finished marker's contents (step, eval metrics), or None if the run has not finished."""
-    path = Path(run_dir) / FINISHED
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn marker: treat the run as unfinished, it resumes from its checkpoint
 
 
 def write_finished(run_dir: Path, record: dict) -> None:
