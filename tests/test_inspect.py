@@ -20,6 +20,7 @@ from jaxformer.inspect import (
     FREE_TEXT_KEYS, InspectConfig, attention_maps, inspect_run, restore_params,
 )
 from jaxformer.models import build_model
+from jaxformer.models.instrument import SowConfig
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.optim import make_optimizer
 from jaxformer.training.state import create_train_state, split_model
@@ -103,8 +104,8 @@ def test_decoder_maps_are_causal_and_written_per_layer(runs, tmp_path):
         assert m.weights_hqk.shape == (2, 7, 7)
         rows_sum_to_one(m.weights_hqk)
         assert np.all(np.triu(m.weights_hqk, k=1) == 0.0)  # no query sees a later key
-    # capture is switched off again: the restored model still runs its fast path
-    assert not run.model.stack.blocks.attention.capture_weights
+    # captured on a copy: the restored model itself sows nothing
+    assert run.model.stack.blocks.attention.sow_config == SowConfig()
 
 
 def test_encoder_decoder_maps_cover_both_stacks_and_cross_attention(runs, tmp_path):
