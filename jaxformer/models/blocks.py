@@ -173,7 +173,7 @@ class LayerStack(nnx.Module):
             updated = []
             for block, cache in zip(blocks, caches):
                 x_btd, cache = block(x_btd, mask, positions_bt, memory_mask=memory_mask,
-                                     cache=cache)
+                                     cache=cache, deterministic=True)
                 updated.append(cache)
             return x_btd, tuple(updated)
 

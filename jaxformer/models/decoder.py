@@ -72,7 +72,7 @@ class Decoder(Classifies, nnx.Module):
         run_stack = self.stack.decode_fn()
 
         def step(tokens_bt: jax.Array, positions_bt: jax.Array, cache: DecodeCache):
-            x_btd = self.embeddings(self.embed(tokens_bt), positions_bt)
+            x_btd = self.embeddings(self.embed(tokens_bt), positions_bt, deterministic=True)
             x_btd, layers = run_stack(x_btd, cache_mask(positions_bt, cache.width), positions_bt,
                                       cache.layers)
             x_btd = x_btd if self.final_norm is None else self.final_norm(x_btd)

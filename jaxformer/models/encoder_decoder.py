@@ -87,7 +87,7 @@ class EncoderDecoder(nnx.Module):
         run_decoder = self.decoder.decode_fn()
 
         def step(tgt_bt: jax.Array, positions_bt: jax.Array, cache: DecodeCache):
-            y_btd = self.decoder_embeddings(self.embed(tgt_bt), positions_bt)
+            y_btd = self.decoder_embeddings(self.embed(tgt_bt), positions_bt, deterministic=True)
             memory_mask = (None if cache.memory_valid_bs is None
                            else padding_mask(cache.memory_valid_bs))
             h_btd, layers = run_decoder(y_btd, cache_mask(positions_bt, cache.width), positions_bt,
