@@ -129,13 +129,14 @@ class LayerStack(nnx.Module):
         # one dropout key per layer
         keys = None if deterministic else jax.random.split(rngs.dropout(), self.n_layers)
 
-        def run_layer(x_btd, layer):
-            layer_state, key = layer
+        def run_layer(x_btd, layer_xs):
+            """One layer on its slice of the stacked state: (output, what it sowed)."""
+            layer_state, key = layer_xs
             block = nnx.merge(graphdef, layer_state)
             layer_rngs = None if key is None else nnx.Rngs(dropout=key)
             x_btd = block(x_btd, *layer_args, deterministic=deterministic, rngs=layer_rngs)
             x_btd = self.sow_config.maybe_probe_layer_output(block, x_btd)
-            return x_btd, nnx.pop(block, nnx.Intermediate)
+            return x_btd, nnx.pop(block, nnx.Intermediate)  # probes (Perturbation) included
 
         run = self._scanned if self.scan else self._unrolled
         x_btd, sown = run(run_layer, x_btd, (state, keys))
@@ -144,9 +145,11 @@ class LayerStack(nnx.Module):
 
     @staticmethod
     def _scanned(run_layer: Callable, x_btd: jax.Array, layers_xs):
+        """`run_layer` by lax.scan over the stacked layers: compile time flat in depth."""
         return jax.lax.scan(run_layer, x_btd, layers_xs)
 
     def _unrolled(self, run_layer: Callable, x_btd: jax.Array, layers_xs):
+        """`run_layer` layer by layer; what they sow is stacked as scan stacks it."""
         sown_l = []
         for i in range(self.n_layers):
             x_btd, sown = run_layer(x_btd, jax.tree.map(lambda leaf: leaf[i], layers_xs))
