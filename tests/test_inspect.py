@@ -18,6 +18,7 @@ from jaxformer.cli.inspect import FREE_TEXT_KEYS
 from jaxformer.errors import UserError
 from jaxformer.inference.attention_maps import InspectConfig, attention_maps, inspect_run
 from jaxformer.runs import restore_run as restore_params
+from jaxformer.models.instrument import SowConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,8 +64,8 @@ def test_decoder_maps_are_causal_and_written_per_layer(runs, tmp_path):
         assert m.weights_hqk.shape == (2, 7, 7)
         rows_sum_to_one(m.weights_hqk)
         assert np.all(np.triu(m.weights_hqk, k=1) == 0.0)  # no query sees a later key
-    # capture is switched off again: the restored model still runs its fast path
-    assert not run.model.stack.blocks.attention.capture_weights
+    # captured on a copy: the restored model itself sows nothing
+    assert run.model.stack.blocks.attention.sow_config == SowConfig()
 
 
 def test_encoder_decoder_maps_cover_both_stacks_and_cross_attention(runs, tmp_path):

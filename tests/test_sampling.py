@@ -100,6 +100,20 @@ def test_cached_greedy_encoder_decoder_matches_full_forward(positions):
     np.testing.assert_array_equal(np.asarray(done.tokens[:, 0]), reference[:, 1:])
 
 
+@pytest.mark.parametrize("kind", ["decoder", "encoder_decoder"])
+def test_decoding_a_model_with_dropout_runs_without_it(kind):
+    """Dropout is for training: decoding, like the full forward by default, leaves it off."""
+    dropped = build_model(ModelConfig(kind=kind, vocab_size=VOCAB, d_model=32, n_heads=4,
+                                      n_layers=2, d_ff=64, max_len=MAX_LEN, dropout=0.5), seed=0)
+    prompts, lens = ragged_prompts(2, [3, 1], 3)
+    source = () if kind == "decoder" else (jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32))
+    done = generate(dropped, prompts, lens, max_new_tokens=5, stop_tokens=(), source=source)
+    buffer = np.concatenate([prompts, np.full((2, 5), PAD_ID, np.int32)], axis=1)
+    reference = uncached_greedy(dropped, buffer, lens, source=source)
+    for b, n in enumerate(lens):
+        np.testing.assert_array_equal(np.asarray(done.tokens[b, 0, :5]), reference[b, n:n + 5])
+
+
 def test_training_eval_greedy_is_the_full_forward_greedy():
     """The clm objective's greedy answers (the training loop's eval) on the cached sampler answers as the
     full-forward decoding of the whole training sequence length does."""

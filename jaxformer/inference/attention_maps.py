@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from jaxformer.config import ModelConfig, check_step
 from jaxformer.data.tokenizers import BOS_ID, encode_text
 from jaxformer.errors import UserError
+from jaxformer.models.instrument import ATTENTION_WEIGHTS, instrument
 from jaxformer.runs import RunDir
 
 
@@ -65,12 +66,13 @@ class AttentionMap:
 
 
 def capture_forward(model: nnx.Module, model_inputs: tuple) -> nnx.State:
-    """The Intermediates one jitted forward sows (one compile beats eager op-by-op dispatch)."""
+    """The attention weights one jitted forward of an instrumented copy of `model` sows (one
+    compile beats eager op-by-op dispatch); `model` itself is untouched."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def forward(state, model_inputs):
-        copy = nnx.merge(graphdef, state)
+        copy = instrument(nnx.merge(graphdef, state), ATTENTION_WEIGHTS)
         copy(*model_inputs)
         return nnx.pop(copy, nnx.Intermediate)
 
@@ -99,28 +101,25 @@ def attention_maps(model: nnx.Module, model_cfg: ModelConfig, tokenizer: Tokeniz
         model_inputs = (jnp.asarray([src]),)
     src_tokens, tgt_tokens = token_labels(tokenizer, src), token_labels(tokenizer, tgt)
 
-    model.set_attributes(capture_weights=True)
-    try:
-        captured = capture_forward(model, model_inputs)
-    finally:
-        model.set_attributes(capture_weights=False)
-
+    captured = capture_forward(model, model_inputs)
     maps = []
     # single-stack models call their stack `stack`; an encoder-decoder has `encoder`, `decoder`
     for stack_name in sorted(captured.keys(), key=lambda name: name != "encoder"):
         prefix = kind if stack_name == "stack" else stack_name
         queries = src_tokens if stack_name == "encoder" else tgt_tokens
-        for layer, layer_state in enumerate(captured[stack_name]["layers"].get_value()[-1]):
+        blocks = captured[stack_name]["blocks"]  # weights stacked on a leading layer axis
+        n_layers = len(blocks["attention"]["attention_weights"].get_value()[-1])
+        for layer in range(n_layers):
             for module_name in ("attention", "cross_attention"):
-                if module_name not in layer_state:
+                if module_name not in blocks:
                     continue
-                weights_bhqk = layer_state[module_name]["attention_weights"].get_value()[-1]
+                weights_lbhqk = blocks[module_name]["attention_weights"].get_value()[-1]
                 attention_kind = "cross" if module_name == "cross_attention" else "self"
                 keys = src_tokens if attention_kind == "cross" else queries
                 maps.append(AttentionMap(
                     name=f"{prefix}_layer{layer:02d}_{attention_kind}",
                     title=f"{prefix} layer {layer} {attention_kind}-attention",
-                    weights_hqk=np.asarray(weights_bhqk[0], np.float32),
+                    weights_hqk=np.asarray(weights_lbhqk[layer, 0], np.float32),
                     query_tokens=queries, key_tokens=keys,
                 ))
     return maps
