@@ -1,4 +1,4 @@
-"""The statistics per-layer diagnostics (`jaxformer.diagnostics`) record inside a model: of each
+"""The statistics per-layer diagnostics (`jaxformer/training/diagnostics.py`) record inside a model: of each
 layer's output (mean, std) and of each activation function's outputs (saturation, zeros, dead
 units). Where and when they are recorded is models/instrument.py's `SowConfig`.
 """
