@@ -119,7 +119,7 @@ def measured_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 # -- batches --------------------------------------------------------------------------------------
 def random_batch(family: str, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
-    """A batch in the objective's format (jaxformer/data/pipeline.py) of random tokens."""
+    """A batch in the objective's format (jaxformer/objectives/) of random tokens."""
     rng = np.random.default_rng(seed)
     b, t, v = shape.batch, shape.context, shape.vocab
     tokens = rng.integers(5, v, (b, t + 1), dtype=np.int32)
