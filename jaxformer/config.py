@@ -2,7 +2,7 @@
 
 The YAML files under `conf/` are merged onto these dataclasses, so an unknown key or a wrong type fails
 at composition time; `OmegaConf.to_object` then builds the dataclasses and each `__post_init__` checks
-values, raising `ConfigError` with one line that names the key and the fix.
+values, raising `UserError` with one line that names the key and the fix.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+
+from jaxformer.errors import UserError
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "sigmoid", "silu")
 POSITIONS = ("sinusoidal", "learned", "rope")
@@ -33,15 +35,11 @@ PARAM_GROUPS = ("embeddings", "blocks", "head")  # see jaxformer/training/finetu
 FINETUNE_MODES = ("full", "head_only")
 
 
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the key and how to fix it."""
-
-
 def _check_positive(prefix: str, obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if value is None or value <= 0:
-            raise ConfigError(f"{prefix}.{name}={value} must be a positive number")
+            raise UserError(f"{prefix}.{name}={value} must be a positive number")
 
 
 def _check_at_least(prefix: str, obj: Any, *names: str, minimum: int = 0, hint: str = "") -> None:
@@ -49,44 +47,61 @@ def _check_at_least(prefix: str, obj: Any, *names: str, minimum: int = 0, hint: 
     for name in names:
         value = getattr(obj, name)
         if value is not None and value < minimum:
-            raise ConfigError(f"{prefix}.{name}={value} must be >= {minimum}{hint}")
+            raise UserError(f"{prefix}.{name}={value} must be >= {minimum}{hint}")
 
 
 def _check_choice(prefix: str, obj: Any, name: str, choices: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in choices:
-        raise ConfigError(f"{prefix}.{name}={value!r} is not one of {', '.join(choices)}")
+        raise UserError(f"{prefix}.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+# What a ModelConfig field means for a trained model's parameters (field metadata, read by
+# checkpoint resume, weight import and finetune.init_from):
+RUNTIME = "runtime"  # how the model runs, never what it computes: free to differ on resume/import
+COMPUTES = "computes"  # what the parameters compute, not their shapes: a source must match it
+
+
+def _field(default: Any, role: str) -> Any:
+    return field(default=default, metadata={"role": role})
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "decoder"  # encoder (BERT-like) | decoder (GPT-like) | encoder_decoder (T5-like) | mlp
+    kind: str = _field("decoder", COMPUTES)  # encoder (BERT-like) | decoder (GPT-like) | encoder_decoder (T5-like) | mlp
     vocab_size: Optional[int] = None  # None: taken from the task's tokenizer
     input_dim: Optional[int] = None  # mlp: features per example; None: taken from the task
     max_len: int = 32  # context window (positions table size)
     d_model: int = 128
-    n_heads: int = 4
+    n_heads: int = _field(4, COMPUTES)
     n_layers: int = 2  # blocks per stack (the encoder's, for encoder_decoder; hidden layers, for mlp)
     n_decoder_layers: Optional[int] = None  # encoder_decoder's decoder stack; None: n_layers
     d_ff: int = 512
-    activation: str = "gelu"
-    positions: str = "learned"
-    rope_theta: float = 10000.0
-    norm: str = "pre"
-    residual: bool = True
-    embed_norm: bool = False  # LayerNorm after the embeddings (BERT)
-    final_norm: Optional[bool] = None  # LayerNorm after the last block; None: only for pre-LN
-    bias: bool = True  # biases in the attention and MLP projections
-    dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
+    activation: str = _field("gelu", COMPUTES)
+    positions: str = _field("learned", COMPUTES)
+    rope_theta: float = _field(10000.0, COMPUTES)  # compared only when positions=rope
+    norm: str = _field("pre", COMPUTES)
+    residual: bool = _field(True, COMPUTES)
+    embed_norm: bool = _field(False, COMPUTES)  # LayerNorm after the embeddings (BERT)
+    # LayerNorm after the last block; None: only for pre-LN (compared as use_final_norm)
+    final_norm: Optional[bool] = _field(None, COMPUTES)
+    bias: bool = _field(True, COMPUTES)  # biases in the attention and MLP projections
+    dropout: float = _field(0.0, RUNTIME)
+    layer_norm_eps: float = _field(1e-5, COMPUTES)
     init: str = "normal"  # dense kernels: normal(0.02) | xavier (Glorot uniform) | he (He normal)
-    attention: str = "xla"  # xla: jax.nn.dot_product_attention | reference: explicit softmax
-    scan_layers: bool = True  # lax.scan over stacked layers: compile time flat in depth
+    # xla: jax.nn.dot_product_attention | reference: explicit softmax
+    attention: str = _field("xla", RUNTIME)
+    scan_layers: bool = _field(True, RUNTIME)  # lax.scan over stacked layers: compile time flat in depth
     type_vocab_size: int = 0  # encoder token-type (segment) embeddings; 0: none
     num_classes: int = 0  # encoder classification head; 0: none (set from a classification task)
     pooling: str = "cls"  # classification input: cls (first token, tanh pooler) | mean
-    dtype: str = "float32"
+    dtype: str = _field("float32", RUNTIME)  # compute dtype; parameters stay param_dtype
     param_dtype: str = "float32"
+
+    @classmethod
+    def fields_with_role(cls, role: str) -> tuple[str, ...]:
+        """The fields marked RUNTIME or COMPUTES."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("role") == role)
 
     def __post_init__(self) -> None:
         _check_choice("model", self, "kind", MODEL_KINDS)
@@ -95,12 +110,12 @@ class ModelConfig:
             if getattr(self, name) is not None:
                 _check_positive("model", self, name)
         if self.kind != "mlp" and self.d_model % self.n_heads:
-            raise ConfigError(
+            raise UserError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
                 "pick d_model as a multiple of n_heads"
             )
         if self.kind == "mlp" and (self.residual or self.norm != "none"):
-            raise ConfigError(
+            raise UserError(
                 f"model.kind=mlp is a plain MLP (model.residual={self.residual}, "
                 f"model.norm={self.norm!r}): set model.residual=false model.norm=none"
             )
@@ -113,14 +128,14 @@ class ModelConfig:
         _check_choice("model", self, "dtype", DTYPES)
         _check_choice("model", self, "param_dtype", DTYPES)
         if self.positions == "rope" and (self.d_model // self.n_heads) % 2:
-            raise ConfigError(
+            raise UserError(
                 f"model.positions=rope needs an even head dim, but d_model/n_heads = "
                 f"{self.d_model}/{self.n_heads} = {self.d_model // self.n_heads}: change d_model or n_heads"
             )
         _check_positive("model", self, "rope_theta", "layer_norm_eps")
         _check_at_least("model", self, "type_vocab_size", "num_classes")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
 
     @property
     def use_final_norm(self) -> bool:
@@ -159,21 +174,21 @@ class TaskConfig:
             "input_dim", "teacher_width",
         )
         if self.min_digits > self.max_digits:
-            raise ConfigError(
+            raise UserError(
                 f"task.min_digits={self.min_digits} exceeds task.max_digits={self.max_digits}"
             )
         if self.max_digits > 9:
-            raise ConfigError(f"task.max_digits={self.max_digits} must be at most 9")
+            raise UserError(f"task.max_digits={self.max_digits} must be at most 9")
         if self.min_length > self.max_length:
-            raise ConfigError(
+            raise UserError(
                 f"task.min_length={self.min_length} exceeds task.max_length={self.max_length}"
             )
         if not 2 <= self.n_symbols <= 36:
-            raise ConfigError(f"task.n_symbols={self.n_symbols} must be between 2 and 36")
+            raise UserError(f"task.n_symbols={self.n_symbols} must be between 2 and 36")
         if not 0.0 < self.mask_prob < 1.0:
-            raise ConfigError(f"task.mask_prob={self.mask_prob} must be in (0, 1)")
+            raise UserError(f"task.mask_prob={self.mask_prob} must be in (0, 1)")
         if self.num_classes < 2:
-            raise ConfigError(f"task.num_classes={self.num_classes} must be at least 2")
+            raise UserError(f"task.num_classes={self.num_classes} must be at least 2")
         if self.train_size is not None:
             _check_positive("task", self, "train_size")
 
@@ -201,7 +216,7 @@ class OptimConfig:
                         "eps")
         for name in ("b1", "b2", "momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+                raise UserError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
 
 
 @dataclass
@@ -238,7 +253,7 @@ class TrainerConfig:
         )
         _check_at_least("trainer", self, "eval_every", hint=" (0: never)")
         if self.batch_size % self.grad_accum:
-            raise ConfigError(
+            raise UserError(
                 f"trainer.batch_size={self.batch_size} is not divisible by "
                 f"trainer.grad_accum={self.grad_accum}: the global batch splits into grad_accum "
                 "equal micro-batches"
@@ -248,7 +263,7 @@ class TrainerConfig:
             _check_positive("trainer", self, "checkpoint_minutes")
         _check_at_least("trainer", self, "keep_best", "max_skipped_steps")
         if self.best_metric not in BEST_METRICS and not self.best_metric.startswith("exact_match_"):
-            raise ConfigError(
+            raise UserError(
                 f"trainer.best_metric={self.best_metric!r} is not an eval metric: use one of "
                 f"{', '.join(BEST_METRICS)} or exact_match_<difficulty bin>")
         _check_choice("trainer", self, "best_mode", ("auto", "min", "max"))
@@ -281,8 +296,8 @@ class MeshConfig:
         for name in ("data", "fsdp", "tensor"):
             value = getattr(self, name)
             if value == 0 or value < -1:
-                raise ConfigError(f"mesh.{name}={value} must be a positive device count or -1 "
-                                  "(the remaining devices)")
+                raise UserError(f"mesh.{name}={value} must be a positive device count or -1 "
+                                "(the remaining devices)")
         _check_choice("mesh", self, "distributed", ("auto", "on", "off"))
         _check_at_least("mesh", self, "num_processes", "process_id")
 
@@ -304,9 +319,19 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)  # metrics.jsonl is always written
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, prefix: str = "") -> None:
+    """The decoding controls' ranges, checked by the config and by the decoding functions alike."""
+    if not temperature >= 0.0:
+        raise UserError(f"{prefix}temperature={temperature} must be >= 0 (0 is greedy)")
+    if top_k < 0:
+        raise UserError(f"{prefix}top_k={top_k} must be >= 0 (0 turns it off)")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"{prefix}top_p={top_p} must be in (0, 1] (1 turns it off)")
+
+
 @dataclass
 class SamplingConfig:
-    """Decoding controls of `jaxformer.sample` and `jaxformer.evaluate` (see jaxformer/sampling.py)."""
+    """Decoding controls of `jaxformer.sample` and `jaxformer.evaluate` (see jaxformer/models/decoding.py)."""
 
     temperature: float = 1.0  # 0: greedy
     top_k: int = 0  # keep the k most likely tokens; 0: off
@@ -319,11 +344,7 @@ class SamplingConfig:
     batch_size: int = 64  # prompts per decoding call
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ConfigError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy)")
-        _check_at_least("sampling", self, "top_k", hint=" (0 turns it off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"sampling.top_p={self.top_p} must be in (0, 1] (1 turns it off)")
+        check_sampling(self.temperature, self.top_k, self.top_p, prefix="sampling.")
         _check_at_least("sampling", self, "num_samples", minimum=1)
         _check_at_least("sampling", self, "max_new_tokens", minimum=1,
                         hint=" (or null for the default)")
@@ -333,8 +354,8 @@ class SamplingConfig:
     def check_vocab(self, vocab_size: int) -> None:
         """What needs the model: top_k must not exceed its vocabulary."""
         if self.top_k > vocab_size:
-            raise ConfigError(f"sampling.top_k={self.top_k} exceeds the model's vocabulary of "
-                              f"{vocab_size} tokens: use top_k <= {vocab_size} (or 0 to turn it off)")
+            raise UserError(f"sampling.top_k={self.top_k} exceeds the model's vocabulary of "
+                            f"{vocab_size} tokens: use top_k <= {vocab_size} (or 0 to turn it off)")
 
 
 @dataclass
@@ -363,19 +384,19 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _check_choice("finetune", self, "mode", FINETUNE_MODES)
         if self.init_from is not None and not str(self.init_from).strip():
-            raise ConfigError("finetune.init_from is empty: give a run dir or a Hugging Face "
-                              "folder, or null to start from scratch")
+            raise UserError("finetune.init_from is empty: give a run dir or a Hugging Face "
+                            "folder, or null to start from scratch")
         unknown = [name for name in self.freeze if name not in PARAM_GROUPS]
         if unknown:
-            raise ConfigError(f"finetune.freeze names {', '.join(map(repr, unknown))}, which is no "
-                              f"parameter group: choose from {', '.join(PARAM_GROUPS)}")
+            raise UserError(f"finetune.freeze names {', '.join(map(repr, unknown))}, which is no "
+                            f"parameter group: choose from {', '.join(PARAM_GROUPS)}")
         if len(set(self.freeze)) != len(self.freeze):
-            raise ConfigError(f"finetune.freeze={list(self.freeze)} repeats a group")
+            raise UserError(f"finetune.freeze={list(self.freeze)} repeats a group")
         _check_at_least("finetune", self, "freeze_lower_blocks")
         _check_at_least("finetune", self, "init_step", hint=" (or null for the latest checkpoint)")
         for group in PARAM_GROUPS:
             if not getattr(self.lr_multipliers, group) > 0:
-                raise ConfigError(
+                raise UserError(
                     f"finetune.lr_multipliers.{group}={getattr(self.lr_multipliers, group)} must "
                     f"be > 0: freeze a group with finetune.freeze=[{group}] instead")
 
@@ -406,12 +427,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         vector_task = self.task.name in VECTOR_TASKS
         if self.model.kind == "mlp" and not vector_task:
-            raise ConfigError(
+            raise UserError(
                 f"model.kind=mlp reads feature vectors, not task.name={self.task.name!r}: "
                 f"use a vector task ({', '.join(VECTOR_TASKS)})"
             )
         if self.model.kind != "mlp" and vector_task:
-            raise ConfigError(
+            raise UserError(
                 f"task.name={self.task.name!r} gives feature vectors, which model.kind="
                 f"{self.model.kind} cannot read: use model=mlp"
             )
@@ -430,17 +451,30 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
-def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Build (and so validate) the typed config from a composed DictConfig."""
+def to_config(cfg: DictConfig, schema: type, usage: str) -> Any:
+    """Build (and so validate) the typed config a composed DictConfig stands for; a missing
+    required key names the command's `usage`, other problems their first line."""
     try:
         obj = OmegaConf.to_object(cfg)
-    except ConfigError:
+    except UserError:
         raise
-    except Exception as err:  # OmegaConf type errors, missing values
-        raise ConfigError(str(err).splitlines()[0]) from None
-    if not isinstance(obj, TrainConfig):
-        raise ConfigError("the composed config is not a TrainConfig: start it from conf/train.yaml")
+    except MissingMandatoryValue as err:
+        raise UserError(f"{err.full_key} is required: {usage}") from err
+    except Exception as err:  # OmegaConf type errors
+        raise UserError(str(err).splitlines()[0]) from err
+    if not isinstance(obj, schema):
+        raise UserError(f"the composed config is not a {schema.__name__}: {usage}")
     return obj
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    return to_config(cfg, TrainConfig, "python -m jaxformer.train [overrides] (conf/train.yaml)")
+
+
+def check_step(step: int | None) -> None:
+    """A checkpoint step setting (`step=`): a step, or null for the latest checkpoint."""
+    if step is not None and step < 0:
+        raise UserError(f"step={step} must be >= 0 (or null for the latest checkpoint)")
 
 
 def to_dict(config: Any) -> dict:

@@ -24,7 +24,8 @@ from flax.core import spmd as flax_spmd
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxformer.config import ConfigError, MeshConfig
+from jaxformer.config import MeshConfig
+from jaxformer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,18 +51,18 @@ def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
     sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
     if len(free) > 1:
-        raise ConfigError(f"mesh.{free[0]} and mesh.{free[1]} are both -1: at most one mesh axis "
-                          "may take the remaining devices")
+        raise UserError(f"mesh.{free[0]} and mesh.{free[1]} are both -1: at most one mesh axis "
+                        "may take the remaining devices")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if device_count % fixed:
-            raise ConfigError(
+            raise UserError(
                 f"mesh {describe(sizes)} cannot cover {device_count} devices: the fixed axes "
                 f"multiply to {fixed}, which does not divide {device_count}; pick sizes whose "
                 "product divides the device count")
         sizes[free[0]] = device_count // fixed
     if math.prod(sizes.values()) != device_count:
-        raise ConfigError(
+        raise UserError(
             f"mesh {describe(sizes)} has {math.prod(sizes.values())} devices but "
             f"{device_count} are available: make mesh.data * mesh.fsdp * mesh.tensor = "
             f"{device_count} (or set one axis to -1)")

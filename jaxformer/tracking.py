@@ -1,4 +1,5 @@
-"""Trackers: where metrics go. One protocol, three sinks (wandb, a local JSONL mirror, nothing).
+"""Trackers: where metrics go. One protocol, three sinks (wandb, a local JSONL mirror, nothing),
+and what a run records about where it ran (git SHA, library versions, devices).
 
 Each `log` call writes one record: `{"step": ..., "split": "train" | "eval", **metrics}`.
 """
@@ -6,9 +7,14 @@ Each `log` call writes one record: `{"step": ..., "split": "train" | "eval", **m
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
+
+WANDB_ID_FILE = "wandb_run_id"  # in the run dir: a resumed job continues its wandb run
+LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "hydra-core", "wandb")
 
 
 class Tracker(Protocol):
@@ -49,7 +55,7 @@ class WandbTracker:
                  name: str, tags: list[str], config: dict[str, Any]):
         import wandb
 
-        id_file = Path(run_dir) / "wandb_run_id"
+        id_file = Path(run_dir) / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(
@@ -87,3 +93,34 @@ class MultiTracker:
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
+
+
+# -- where a run ran ------------------------------------------------------------------------------
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_metadata() -> dict:
+    """Git SHA, library versions and devices: part of every run's wandb config."""
+    import jax
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = jax.devices()
+    return {
+        "git_sha": git_sha(),
+        "versions": versions,
+        "devices": {"platform": devices[0].platform, "count": len(devices),
+                    "kind": devices[0].device_kind, "processes": jax.process_count()},
+    }

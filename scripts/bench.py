@@ -10,7 +10,7 @@
     compile   lower + compile time of the jitted train step as depth grows, scanned vs unrolled;
               defaults: decoder, d_model 256, 4 heads, d_ff 1024, context 128, batch 8, vocab 64,
               AdamW, causal-LM loss; depths 2 and 32 for both scan_layers=true and false
-    sample    tokens/s of KV-cache sampling (jaxformer.sampling.generate, after compile, median of
+    sample    tokens/s of KV-cache sampling (jaxformer.models.decoding.generate, after compile, median of
               --repeats), prefill and per-step times, and in the same run Hugging Face
               `GPT2LMHeadModel.generate()` of the same shape on PyTorch CPU (--no-peer skips it);
               defaults: vocab 8192, d_model 256, 4 layers, 4 heads, d_ff 1024, context 256,
@@ -39,10 +39,12 @@ from flax import nnx
 from jaxformer.config import ModelConfig, OptimConfig, to_dict
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.models import build_model
-from jaxformer.run_info import run_metadata
-from jaxformer.sampling import generate
+from jaxformer.tracking import run_metadata
+from jaxformer.models.decoding import generate
 from jaxformer.training.optim import make_optimizer, make_schedule
-from jaxformer.training.state import create_train_state, split_model
+from jaxformer.models import split_model
+from jaxformer.training.state import create_train_state
+from jaxformer.objectives import get_objective
 from jaxformer.training.step import make_train_step
 
 import bench_train  # noqa: E402 (scripts/ is on sys.path: this file's folder)
@@ -77,7 +79,7 @@ def time_train_step_compile(model_cfg: ModelConfig, batch_size: int) -> tuple[fl
     shape = (batch_size, model_cfg.max_len + 1)
     batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
              "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32)}
-    train_step = make_train_step(graphdef, rest, tx, schedule, "clm")  # a new jit: empty caches
+    train_step = make_train_step(graphdef, rest, tx, schedule, get_objective("clm"))  # new jit
     start = time.perf_counter()
     lowered = train_step.lower(abstract_state, batch)
     lowered_at = time.perf_counter()

@@ -31,6 +31,7 @@ from jaxformer.config import MeshConfig, ModelConfig, OptimConfig
 from jaxformer.parallel import make_mesh
 from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.training.state import init_train_state, state_layout
+from jaxformer.objectives import get_objective
 from jaxformer.training.step import make_train_step
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
@@ -118,7 +119,7 @@ def measured_peak_flops(n: int = 2048, repeats: int = 10) -> float:
 
 # -- batches --------------------------------------------------------------------------------------
 def random_batch(family: str, shape: Shape, seed: int = 0) -> dict[str, np.ndarray]:
-    """A batch in the objective's format (jaxformer/data/pipeline.py) of random tokens."""
+    """A batch in the objective's format (jaxformer/objectives/) of random tokens."""
     rng = np.random.default_rng(seed)
     b, t, v = shape.batch, shape.context, shape.vocab
     tokens = rng.integers(5, v, (b, t + 1), dtype=np.int32)
@@ -156,7 +157,8 @@ def train_bench(family: str, shape: Shape, steps: int, peak: float, dtype: str =
     layout = state_layout(cfg, tx, 0, mesh)
     state = init_train_state(cfg, tx, 0, layout.shardings)
     batch = {k: jnp.asarray(v) for k, v in random_batch(family, shape).items()}
-    train_step = make_train_step(layout.graphdef, layout.rest, tx, schedule, OBJECTIVE[family])
+    train_step = make_train_step(layout.graphdef, layout.rest, tx, schedule,
+                                 get_objective(OBJECTIVE[family]))
 
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()

@@ -13,8 +13,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import replace  # noqa: E402
-from test_transfer import SHARDED, finetuned_config  # noqa: E402
+from helpers import SHARDED, finetuned_config, replace  # noqa: E402
 
 from jaxformer.training.loop import train  # noqa: E402
 

@@ -18,10 +18,10 @@ import jax
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import replace  # noqa: E402
-from parallel_cases import FAMILIES, MESHES, family_config, read_losses  # noqa: E402
+from helpers import FAMILIES, MESHES, family_config, read_losses, replace  # noqa: E402
 
-from jaxformer.config import ConfigError, MeshConfig  # noqa: E402
+from jaxformer.config import MeshConfig  # noqa: E402
+from jaxformer.errors import UserError  # noqa: E402
 from jaxformer.parallel import make_mesh, use_mesh  # noqa: E402
 from jaxformer.training.loop import train  # noqa: E402
 from jaxformer.training.state import init_train_state, state_layout  # noqa: E402
@@ -49,7 +49,7 @@ def shard_shapes(cfg) -> dict[str, list[list[int]]]:
 def mesh_error(cfg, run_dir: Path, **sections) -> str:
     try:
         train(replace(cfg, **sections), run_dir)
-    except ConfigError as err:
+    except UserError as err:
         return str(err)
     return "no error"
 

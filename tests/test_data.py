@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from jaxformer.config import TaskConfig
-from jaxformer.data.pipeline import (
-    OBJECTIVES, encode_problems, eval_set, train_iterator,
-)
+from jaxformer.data.pipeline import train_iterator
 from jaxformer.data.tasks import AdditionProblem, AdditionTask, SequenceProblem, build_task
 from jaxformer.data.tokenizers import (
     BOS_ID, EOS_ID, MASK, MASK_ID, NUM_SPECIAL, PAD_ID, SPECIAL_TOKENS, char_tokenizer,
 )
+from jaxformer.errors import UserError
+from jaxformer.objectives import OBJECTIVES, get_objective
 
 # small spaces keep every test fast; addition with 2 digits has 10^4 problems, sequences ~10^5
 SMALL = {
@@ -41,7 +41,7 @@ WIDTHS = {  # the documented width of each array of each objective
 def objectives_of(task) -> list[str]:
     """The token objectives `task` can serve (vector_classification is for vector tasks)."""
     return [o for o in OBJECTIVES
-            if o != "vector_classification" and (o != "classification" or task.is_classification)]
+            if o != "vector_classification" and (o != "classification" or task.num_classes)]
 
 
 def decode(task, ids) -> str:
@@ -83,7 +83,7 @@ def test_addition_format_and_check():
     problem = AdditionProblem(57, 68)
     assert task.prompt(problem) == "57+68=" and task.answer(problem) == "521"
     assert task.check(problem, "521") and not task.check(problem, "125")
-    assert task.difficulty(problem) == 2 and task.num_classes == 0 and not task.is_classification
+    assert task.difficulty(problem) == 2 and task.num_classes == 0 and not task.num_classes
     padded = AdditionTask(TaskConfig(pad_operands=True))
     assert padded.prompt(problem) == "057+068=" and padded.answer(problem) == "5210"
 
@@ -101,10 +101,10 @@ def test_sequence_formats_and_check(name, answer, wrong):
 
 def test_is_sorted_labels_and_classes():
     task = small_task("is_sorted")
-    assert task.is_classification and task.num_classes == 2
+    assert task.num_classes == 2
     assert task.label(SequenceProblem("1134")) == 1 and task.answer(SequenceProblem("1134")) == "1"
     assert task.label(SequenceProblem("3141")) == 0
-    with pytest.raises(ValueError, match="not a classification task"):
+    with pytest.raises(UserError, match="not a classification task"):
         small_task("sort").label(SequenceProblem("12"))
 
 
@@ -124,43 +124,44 @@ def test_small_space_is_split_and_listed_exhaustively():
     everything = task.train_problems(n_train, seed=0)
     assert len(set(everything)) == n_train and not set(everything) & set(heldout)
     too_many = f"task.train_size={n_train + 1} needs .* only {n_train} exist"
-    with pytest.raises(ValueError, match=too_many):
+    with pytest.raises(UserError, match=too_many):
         task.train_problems(n_train + 1, seed=0)
-    with pytest.raises(ValueError, match="task.eval_size=100 .* lower task.eval_size"):
+    with pytest.raises(UserError, match="task.eval_size=100 .* lower task.eval_size"):
         small_task("reverse", min_length=2, max_length=3, n_symbols=3, eval_size=100).eval_problems()
 
 
 # -- pipelines ------------------------------------------------------------------------------------
 def test_objective_errors_are_one_line():
-    with pytest.raises(ValueError, match="needs a classification task"):
-        train_iterator(small_task("reverse"), "classification", 4, seed=0)
-    with pytest.raises(ValueError, match="not one of"):
-        eval_set(small_task("reverse"), "lm")
+    with pytest.raises(UserError, match="needs a classification task"):
+        OBJECTIVES["classification"].check(small_task("reverse"))
+    with pytest.raises(UserError, match="not one of"):
+        get_objective("lm")
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_every_objective_batch_has_the_documented_format(name):
     task = small_task(name)
     for objective in objectives_of(task):
-        batch = next(train_iterator(task, objective, batch_size=8, seed=0))
+        batch = next(train_iterator(task, OBJECTIVES[objective], batch_size=8, seed=0))
         assert set(batch) == set(WIDTHS[objective])
         for key, value in batch.items():
             want = np.float32 if "mask" in key or "valid" in key else np.int32
             assert value.dtype == want and value.shape[0] == 8, (objective, key)
             assert value.shape[1:] == ((WIDTHS[objective][key](task),) if key != "label" else ())
-        assert task.max_positions(objective) == max(v.shape[1] for v in batch.values() if v.ndim == 2)
-        data = eval_set(task, objective)
+        assert OBJECTIVES[objective].max_positions(task) == max(
+            v.shape[1] for v in batch.values() if v.ndim == 2)
+        data = OBJECTIVES[objective].eval_set(task)
         assert {k: v.shape[1:] for k, v in data.examples.items()} == \
             {k: v.shape[1:] for k, v in batch.items()}
-        assert (data.prompts is not None) == (objective == "clm")
-        assert (data.src is not None) == (objective == "seq2seq")
+        assert set(data.decode_inputs) == {"clm": {"prompts", "prompt_lens"},
+                                           "seq2seq": {"src", "src_valid"}}.get(objective, set())
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_clm_batches_decode_with_answer_mask(name):
     task = small_task(name)
     problems = task.sample_train(np.random.default_rng(0), 16)
-    batch = encode_problems(task, "clm", problems)
+    batch = OBJECTIVES["clm"].eval_arrays(task, problems)
     assert batch["tokens"].shape == (16, task.seq_len)
     for problem, tokens, mask in zip(problems, batch["tokens"], batch["loss_mask"]):
         assert tokens[0] == BOS_ID
@@ -170,7 +171,7 @@ def test_clm_batches_decode_with_answer_mask(name):
 
 def test_addition_batches_from_the_iterator_are_correct_sums():
     task = small_task("addition")
-    batch = next(train_iterator(task, "clm", batch_size=8, seed=0))
+    batch = next(train_iterator(task, OBJECTIVES["clm"], batch_size=8, seed=0))
     for tokens in batch["tokens"]:
         prompt, answer = decode(task, tokens).split("=")
         a, b = map(int, prompt.split("+"))
@@ -181,7 +182,7 @@ def test_addition_batches_from_the_iterator_are_correct_sums():
 def test_seq2seq_src_is_prompt_and_tgt_is_answer(name):
     task = small_task(name)
     problems = task.sample_train(np.random.default_rng(1), 16)
-    batch = encode_problems(task, "seq2seq", problems)
+    batch = OBJECTIVES["seq2seq"].eval_arrays(task, problems)
     for i, problem in enumerate(problems):
         src, tgt = batch["src"][i], batch["tgt"][i]
         n_src = int(batch["src_valid"][i].sum())
@@ -195,13 +196,13 @@ def test_seq2seq_src_is_prompt_and_tgt_is_answer(name):
 
 def test_classification_labels_are_balanced_and_correct():
     task = small_task("is_sorted", eval_size=200)
-    batch = next(train_iterator(task, "classification", batch_size=2000, seed=0))
+    batch = next(train_iterator(task, OBJECTIVES["classification"], batch_size=2000, seed=0))
     texts = [decode(task, row) for row in batch["tokens"]]
     labels = [int(list(t[:-1]) == sorted(t[:-1])) for t in texts]
     np.testing.assert_array_equal(batch["label"], labels)
     assert 0.45 < batch["label"].mean() < 0.55
     assert (batch["tokens"][:, 0] == BOS_ID).all() and all(t.endswith("=") for t in texts)
-    data = eval_set(task, "classification")
+    data = OBJECTIVES["classification"].eval_set(task)
     assert data.examples["label"].mean() == 0.5  # eval sets are drawn per class: exactly balanced
     np.testing.assert_array_equal(data.examples["label"], [task.label(p) for p in data.problems])
 
@@ -209,9 +210,10 @@ def test_classification_labels_are_balanced_and_correct():
 def test_mlm_masking_statistics():
     task = small_task("addition", max_digits=3, mask_prob=0.3)
     problems = task.sample_train(np.random.default_rng(0), 3000)
-    batch = encode_problems(task, "mlm", problems, np.random.default_rng(5))
+    mlm = OBJECTIVES["mlm"]
+    batch = mlm.randomize(task, mlm.encode(task, problems), np.random.default_rng(5))
     inputs, targets, selected = batch["inputs"], batch["targets"], batch["loss_mask"] > 0
-    np.testing.assert_array_equal(targets, encode_problems(task, "clm", problems)["tokens"])
+    np.testing.assert_array_equal(targets, OBJECTIVES["clm"].eval_arrays(task, problems)["tokens"])
     np.testing.assert_array_equal(batch["valid"], (targets != PAD_ID).astype(np.float32))
     candidates = targets >= NUM_SPECIAL
     assert not (selected & ~candidates).any()  # never <pad>, <bos>, <eos>
@@ -227,7 +229,7 @@ def test_mlm_masking_statistics():
 
 def test_mlm_forces_a_selection_in_every_row():
     task = small_task("reverse", min_length=2, max_length=2, mask_prob=0.01)
-    batch = next(train_iterator(task, "mlm", batch_size=64, seed=0))
+    batch = next(train_iterator(task, OBJECTIVES["mlm"], batch_size=64, seed=0))
     assert (batch["loss_mask"].sum(axis=1) >= 1).all()
 
 
@@ -235,12 +237,12 @@ def test_mlm_forces_a_selection_in_every_row():
 def test_iterator_state_resumes_the_same_batches(objective):
     for train_size in (None, 64):
         task = small_task("addition", train_size=train_size)
-        it = train_iterator(task, objective, 8, seed=1)
+        it = train_iterator(task, OBJECTIVES[objective], 8, seed=1)
         for _ in range(3):
             next(it)
         state = it.get_state()
         expected = [next(it) for _ in range(10)]  # crosses epochs when train_size=64
-        resumed = train_iterator(task, objective, 8, seed=1)
+        resumed = train_iterator(task, OBJECTIVES[objective], 8, seed=1)
         resumed.set_state(state)
         for want in expected:
             got = next(resumed)
@@ -250,7 +252,7 @@ def test_iterator_state_resumes_the_same_batches(objective):
 
 def test_mlm_masks_change_across_epochs():
     task = small_task("reverse", train_size=16)
-    it = train_iterator(task, "mlm", 16, seed=0)  # one batch is one epoch
+    it = train_iterator(task, OBJECTIVES["mlm"], 16, seed=0)  # one batch is one epoch
     first, second = next(it), next(it)
     order = np.lexsort(first["targets"].T), np.lexsort(second["targets"].T)
     np.testing.assert_array_equal(first["targets"][order[0]], second["targets"][order[1]])
@@ -258,8 +260,8 @@ def test_mlm_masks_change_across_epochs():
 
 
 def test_mlm_eval_masking_is_fixed_by_split_seed():
-    a = eval_set(small_task("sort"), "mlm").examples
-    b = eval_set(small_task("sort"), "mlm").examples
+    a = OBJECTIVES["mlm"].eval_set(small_task("sort")).examples
+    b = OBJECTIVES["mlm"].eval_set(small_task("sort")).examples
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
 
@@ -267,9 +269,10 @@ def test_mlm_eval_masking_is_fixed_by_split_seed():
 def test_eval_prompts_stop_at_equals_sign():
     for name in TASK_NAMES:
         task = small_task(name, eval_size=10)
-        data = eval_set(task, "clm")
-        assert data.prompts.shape == (10, task.prompt_len) and data.prompts.dtype == np.int32
-        for problem, prompt, length in zip(data.problems, data.prompts, data.prompt_lens):
+        data = OBJECTIVES["clm"].eval_set(task)
+        prompts, prompt_lens = data.decode_inputs["prompts"], data.decode_inputs["prompt_lens"]
+        assert prompts.shape == (10, task.prompt_len) and prompts.dtype == np.int32
+        for problem, prompt, length in zip(data.problems, prompts, prompt_lens):
             assert prompt[0] == BOS_ID and decode(task, prompt[:length]) == task.prompt(problem)
             assert (prompt[length:] == PAD_ID).all()
 
@@ -286,24 +289,24 @@ def test_teacher_task_is_balanced_fixed_by_split_seed_and_batched():
     other = build_task(TaskConfig(name="teacher", eval_size=400, split_seed=7)).eval_problems()
     np.testing.assert_array_equal(heldout["features"], again["features"])
     assert not np.array_equal(heldout["label"], other["label"])
-    batch = next(train_iterator(task, "vector_classification", batch_size=8, seed=0))
+    batch = next(train_iterator(task, OBJECTIVES["vector_classification"], batch_size=8, seed=0))
     assert batch["features"].shape == (8, 16) and batch["label"].shape == (8,)
     assert not np.isin(batch["features"], heldout["features"]).any()
-    np.testing.assert_array_equal(eval_set(task, "vector_classification").examples["label"],
-                                  heldout["label"])
+    vectors = OBJECTIVES["vector_classification"]
+    np.testing.assert_array_equal(vectors.eval_set(task).examples["label"], heldout["label"])
 
 
 def test_teacher_fixed_training_set_resumes_and_token_objectives_refuse_it():
     task = build_task(TaskConfig(name="teacher", train_size=40, eval_size=50))
-    it = train_iterator(task, "vector_classification", 16, seed=1)
+    it = train_iterator(task, OBJECTIVES["vector_classification"], 16, seed=1)
     next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(5)]  # crosses epochs of the 40 fixed points
-    resumed = train_iterator(task, "vector_classification", 16, seed=1)
+    resumed = train_iterator(task, OBJECTIVES["vector_classification"], 16, seed=1)
     resumed.set_state(state)
     for want in expected:
         np.testing.assert_array_equal(next(resumed)["features"], want["features"])
-    with pytest.raises(ValueError, match="cannot read task 'teacher'"):
-        train_iterator(task, "clm", 4, seed=0)
-    with pytest.raises(ValueError, match="cannot read task 'addition'"):
-        train_iterator(small_task("addition"), "vector_classification", 4, seed=0)
+    with pytest.raises(UserError, match="task 'teacher' gives feature vectors"):
+        OBJECTIVES["clm"].check(task)
+    with pytest.raises(UserError, match="task 'addition' gives tokens"):
+        OBJECTIVES["vector_classification"].check(small_task("addition"))

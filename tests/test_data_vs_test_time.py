@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, replace, tiny_config
+from helpers import REPO, replace, tiny_config
 from jaxformer.config import SamplingConfig, register_configs, to_dict
 from jaxformer.data.tasks import build_task
-from jaxformer.evaluate import settings_key
-from jaxformer.selection import selection_metrics
+from jaxformer.inference.selection import selection_metrics
+from jaxformer.inference.test_time import settings_key
 
 STUDY = REPO / "experiments" / "data_vs_test_time"
 register_configs()

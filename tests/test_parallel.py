@@ -18,10 +18,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from conftest import REPO, replace, run_module, tiny_config
-from parallel_cases import FAMILIES, MESHES, family_config, multidevice_env, read_losses
-from jaxformer.config import ConfigError, MeshConfig, register_configs
+from helpers import (
+    FAMILIES, MESHES, REPO, family_config, multidevice_env, read_losses, replace, run_module,
+    tiny_config,
+)
+from jaxformer.config import MeshConfig, register_configs
+from jaxformer.errors import UserError
 from jaxformer.parallel import logical_to_spec, mesh_shape
+from jaxformer.runs import RunDir
 from jaxformer.training.loop import train
 
 register_configs()
@@ -54,13 +58,13 @@ def test_mesh_shape_resolves_the_remaining_devices(sizes, devices, shape):
     ({"data": -1, "fsdp": 3}, 8, "the fixed axes multiply to 3, which does not divide 8"),
 ])
 def test_bad_mesh_is_one_line(sizes, devices, message):
-    with pytest.raises(ConfigError, match=message) as caught:
+    with pytest.raises(UserError, match=message) as caught:
         mesh_shape(MeshConfig(**sizes), devices)
     assert "\n" not in str(caught.value)
 
 
 def test_mesh_axis_values_are_validated():
-    with pytest.raises(ConfigError, match="mesh.tensor=0 must be a positive device count or -1"):
+    with pytest.raises(UserError, match="mesh.tensor=0 must be a positive device count or -1"):
         MeshConfig(tensor=0)
 
 
@@ -106,7 +110,7 @@ def test_grad_accum_gives_the_full_batch_losses(tmp_path):
 
 
 def test_grad_accum_must_divide_the_batch():
-    with pytest.raises(ConfigError, match="batch_size=16 is not divisible by trainer.grad_accum=3"):
+    with pytest.raises(UserError, match="batch_size=16 is not divisible by trainer.grad_accum=3"):
         tiny_config(grad_accum=3)
 
 
@@ -198,8 +202,7 @@ def test_two_processes_train_one_run(single_device, tmp_path):
         assert proc.returncode == 0, stderr[-3000:]
     report = "held-out greedy exact match"  # the run's summary: printed by process 0 only
     assert report in outputs[0][0] and report not in outputs[1][0]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4]  # one writer
+    assert [r["step"] for r in RunDir(run_dir).metrics("train")] == [1, 2, 3, 4]  # one writer
     assert (run_dir / ".hydra" / "config.yaml").is_file()
-    assert_same_losses(read_losses(run_dir / "metrics.jsonl"), single_device["decoder"],
+    assert_same_losses(read_losses(run_dir), single_device["decoder"],
                        "2 processes x 4 devices")

@@ -19,15 +19,17 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, replace, run_module, tiny_config
-from jaxformer.config import ConfigError, ModelConfig
-from jaxformer.data.pipeline import encode_problems
+from helpers import REPO, replace, run_module, tiny_config
+from jaxformer.config import ModelConfig
+from jaxformer.errors import UserError
 from jaxformer.data.tasks import build_task
 from jaxformer.models import build_model
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.loop import train
 from jaxformer.training.run_dir import RunLock
-from jaxformer.training.state import create_train_state, split_model
+from jaxformer.models import split_model
+from jaxformer.objectives import OBJECTIVES
+from jaxformer.training.state import create_train_state
 from jaxformer.training.step import make_train_step
 
 RUN_CLI = [
@@ -119,7 +121,7 @@ def test_no_restorable_checkpoint_is_one_clear_line(tmp_path):
     for path in (tmp_path / "checkpoints").rglob("*"):
         if path.is_file() and path.parent.name == "state":
             path.write_bytes(b"garbage")
-    with pytest.raises(ConfigError, match=r"none of the 2 checkpoints in .* restores") as caught:
+    with pytest.raises(UserError, match=r"none of the 2 checkpoints in .* restores") as caught:
         train(tiny_config(), tmp_path)
     assert "\n" not in str(caught.value)
 
@@ -150,9 +152,9 @@ def test_a_non_finite_step_is_not_applied():
     cfg = ModelConfig(vocab_size=17, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=16)
     graphdef, params, rest = split_model(build_model(cfg, 0))
     tx = optax.adam(1e-3)
-    step = make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-3), "clm")
+    step = make_train_step(graphdef, rest, tx, optax.constant_schedule(1e-3), OBJECTIVES["clm"])
     task = build_task(tiny_config().task)
-    batch = encode_problems(task, "clm", task.eval_problems()[:4])
+    batch = OBJECTIVES["clm"].eval_arrays(task, task.eval_problems()[:4])
     state = create_train_state(params, tx, 0)
     state, metrics = step(state, batch)
     assert not metrics["nonfinite"] and int(state.skipped) == 0
@@ -194,7 +196,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):
 def test_two_runs_never_share_a_run_dir(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     with RunLock(tmp_path):
-        with pytest.raises(ConfigError, match=r"is in use by pid \d+ on .*: wait for that run"):
+        with pytest.raises(UserError, match=r"is in use by pid \d+ on .*: wait for that run"):
             train(tiny_config(), tmp_path)
     assert train(tiny_config(), tmp_path).step == 6  # the lock went with its holder
 

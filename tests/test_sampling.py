@@ -13,14 +13,13 @@ import pytest
 from flax import nnx
 
 from jaxformer.config import ModelConfig, TaskConfig
-from jaxformer.data.pipeline import eval_set
 from jaxformer.data.tasks import build_task
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
-from jaxformer.evaluation import greedy_completions, until_eos
 from jaxformer.models import build_model
 from jaxformer.models.attention import KVCache
 from jaxformer.models.blocks import DecodeCache, LayerCache
-from jaxformer.sampling import generate, generate_seq2seq, sample_logits
+from jaxformer.models.decoding import generate, generate_seq2seq, sample_logits, until_eos
+from jaxformer.objectives import OBJECTIVES
 
 VOCAB, MAX_LEN = 17, 16
 
@@ -101,19 +100,34 @@ def test_cached_greedy_encoder_decoder_matches_full_forward(positions):
     np.testing.assert_array_equal(np.asarray(done.tokens[:, 0]), reference[:, 1:])
 
 
+@pytest.mark.parametrize("kind", ["decoder", "encoder_decoder"])
+def test_decoding_a_model_with_dropout_runs_without_it(kind):
+    """Dropout is for training: decoding, like the full forward by default, leaves it off."""
+    dropped = build_model(ModelConfig(kind=kind, vocab_size=VOCAB, d_model=32, n_heads=4,
+                                      n_layers=2, d_ff=64, max_len=MAX_LEN, dropout=0.5), seed=0)
+    prompts, lens = ragged_prompts(2, [3, 1], 3)
+    source = () if kind == "decoder" else (jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32))
+    done = generate(dropped, prompts, lens, max_new_tokens=5, stop_tokens=(), source=source)
+    buffer = np.concatenate([prompts, np.full((2, 5), PAD_ID, np.int32)], axis=1)
+    reference = uncached_greedy(dropped, buffer, lens, source=source)
+    for b, n in enumerate(lens):
+        np.testing.assert_array_equal(np.asarray(done.tokens[b, 0, :5]), reference[b, n:n + 5])
+
+
 def test_training_eval_greedy_is_the_full_forward_greedy():
-    """greedy_completions (the training loop's eval) on the cached sampler answers as the
+    """The clm objective's greedy answers (the training loop's eval) on the cached sampler answers as the
     full-forward decoding of the whole training sequence length does."""
     task = build_task(TaskConfig(name="sort", max_length=5, eval_size=12))
-    data = eval_set(task, "clm")
+    data = OBJECTIVES["clm"].eval_set(task)
+    prompts, prompt_lens = data.decode_inputs["prompts"], data.decode_inputs["prompt_lens"]
     decoder = model("decoder")
-    texts = greedy_completions(decoder, data, task, "clm", batch_size=8)
+    texts = OBJECTIVES["clm"].greedy_answers(decoder, data, task, batch_size=8)
     total = data.examples["tokens"].shape[1]
     buffer = np.zeros((len(texts), total), np.int32)
-    buffer[:, : data.prompts.shape[1]] = data.prompts
-    reference = uncached_greedy(decoder, buffer, data.prompt_lens)
+    buffer[:, : prompts.shape[1]] = prompts
+    reference = uncached_greedy(decoder, buffer, prompt_lens)
     assert texts == [task.tokenizer.decode(until_eos(row[n:].tolist()))
-                     for row, n in zip(reference, data.prompt_lens)]
+                     for row, n in zip(reference, prompt_lens)]
 
 
 # -- what every completion carries -----------------------------------------------------------------

@@ -9,7 +9,7 @@ from math import comb
 import numpy as np
 import pytest
 
-from jaxformer.selection import (
+from jaxformer.inference.selection import (
     answer_ids, best_logprob_at_k, ks_up_to, majority_at_k, pass_at_k, selection_metrics,
     verifier_at_k,
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -13,20 +12,21 @@ import jax
 import numpy as np
 import optax
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from omegaconf import OmegaConf
 
-from conftest import REPO, replace, run_module, tiny_config
+from helpers import REPO, compose_train, replace, run_module, tiny_config
 from jaxformer.config import (
-    ConfigError, LoggerConfig, ModelConfig, OptimConfig, TaskConfig, TrainConfig, TrainerConfig,
-    WandbConfig, to_train_config,
+    LoggerConfig, ModelConfig, OptimConfig, TaskConfig, TrainConfig, TrainerConfig, WandbConfig,
+    to_train_config,
 )
+from jaxformer.errors import UserError
 from jaxformer.models import build_model, resolve_model_config
+from jaxformer.runs import RunDir
 from jaxformer.training.loop import train
 from jaxformer.training.optim import make_optimizer
-from test_config import compose_train
-from hydra import compose, initialize_config_dir
 
 STUDY = REPO / "experiments" / "sigmoid_vs_relu_depth"
 
@@ -131,13 +131,13 @@ def test_grids_sweeper_precedence_params_then_arm_then_command_line():
      "task.name='teacher' gives feature vectors, which model.kind=decoder cannot read"),
 ])
 def test_bad_study_values_are_one_line_errors(make, message):
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(UserError) as err:
         make()
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_input_dim_that_disagrees_with_the_task_is_refused():
-    with pytest.raises(ConfigError, match="model.input_dim=8 but the task gives 16 features"):
+    with pytest.raises(UserError, match="model.input_dim=8 but the task gives 16 features"):
         resolve_model_config(ModelConfig(kind="mlp", residual=False, norm="none", input_dim=8),
                              None, 4, 16)
 
@@ -181,8 +181,7 @@ def test_mlp_learns_the_teacher_task_with_sgd_and_adamw(tmp_path):
         config = replace(mlp_train_config(activation="relu", init="he", d_model=32),
                          optim={"name": name, "lr": lr})
         result = train(config, tmp_path / name)
-        losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text()
-                  .splitlines() if json.loads(line)["split"] == "train"]
+        losses = [record["loss"] for record in RunDir(tmp_path / name).metrics("train")]
         assert result.objective == "vector_classification" and result.step == 80
         assert losses[-1] < 0.85 * losses[0] and result.eval_metrics["accuracy"] > accuracy
         assert not (tmp_path / name / "tokenizer.json").exists()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import replace, run_module, tiny_config
-from jaxformer.config import ConfigError
+from helpers import replace, run_module, tiny_config
+from jaxformer.errors import UserError
 from jaxformer.training.loop import train
 
 
@@ -55,20 +55,20 @@ def test_finished_run_resumes_without_training(tmp_path):
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     train(tiny_config(steps=3), tmp_path)
     other = replace(tiny_config(steps=6), model={"d_model": 64})
-    with pytest.raises(ConfigError, match=r"written by another model \(model.d_model=32 there, 64 now"):
+    with pytest.raises(UserError, match=r"written by another model \(model.d_model=32 there, 64 now"):
         train(other, tmp_path)
 
 
 def test_unwritable_run_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match="is not writable"):
+    with pytest.raises(UserError, match="is not writable"):
         train(tiny_config(), blocker / "run")
 
 
 def test_model_context_too_short_for_task(tmp_path):
     config = replace(tiny_config(), model={"max_len": 8})
-    with pytest.raises(ConfigError, match="model.max_len=8"):
+    with pytest.raises(UserError, match="model.max_len=8"):
         train(config, tmp_path)
 
 

@@ -19,45 +19,32 @@ import pytest
 from flax import nnx
 from hydra import compose, initialize_config_dir
 
-from conftest import REPO, replace, run_module, tiny_config
-from parallel_cases import read_losses
-from jaxformer.config import (
-    ConfigError, FinetuneConfig, LrMultipliers, ModelConfig, OptimConfig, register_configs,
-    to_train_config,
+from helpers import (
+    REPO, classify, finetune, finetuned_config, read_losses, replace, run_module,
+    sort_config,
 )
+from jaxformer.config import (
+    FinetuneConfig, LrMultipliers, ModelConfig, OptimConfig, register_configs, to_train_config,
+)
+from jaxformer.errors import UserError
 from jaxformer.data.pipeline import train_iterator
+from jaxformer.objectives import OBJECTIVES
 from jaxformer.data.tasks import build_task
 from jaxformer.data.tokenizers import char_tokenizer
-from jaxformer.restore import restore_params
+from jaxformer.runs import restore_run
 from jaxformer.interop import read_hf_decoder, save_hf_decoder
 from jaxformer.interop.params import model_params
 from jaxformer.models import build_model
 from jaxformer.parallel import make_mesh, use_mesh
-from jaxformer.training.finetune import freeze_plan, make_train_optimizer
+from jaxformer.training.finetune import freeze_plan, freeze_plan_for
 from jaxformer.training.init_from import apply_init, plan_init
 from jaxformer.training.loop import train
-from jaxformer.training.optim import make_schedule
-from jaxformer.training.state import (
-    create_train_state, init_train_state, split_model, state_layout,
-)
+from jaxformer.training.optim import make_optimizer, make_schedule
+from jaxformer.models import split_model
+from jaxformer.training.state import create_train_state, init_train_state, state_layout
 from jaxformer.training.step import make_train_step
 
 register_configs()
-
-
-def sort_config(**trainer):
-    """A tiny decoder on 2-5 symbol sorting; its tokenizer is is_sorted's too."""
-    return replace(tiny_config(**{"steps": 2, "eval_every": 2, "checkpoint_every": 2, **trainer}),
-                   model={"max_len": 24}, task={"name": "sort", "max_length": 5, "eval_size": 32})
-
-
-def finetune(config, **fields):
-    return dataclasses.replace(config, finetune=FinetuneConfig(**fields))
-
-
-def classify(config):
-    """The same decoder with a 2-class head on is_sorted (the decoder classification objective)."""
-    return replace(config, model={"num_classes": 2}, task={"name": "is_sorted"})
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +55,7 @@ def pretrained(tmp_path_factory) -> Path:
 
 
 def params_of(run_dir: Path) -> dict[str, np.ndarray]:
-    return model_params(restore_params(run_dir).model)
-
-
-SHARDED = {"data": 2, "fsdp": 2, "tensor": 2}
-
-
-def finetuned_config(source: Path):
-    """is_sorted from the pretrained decoder, new head, embeddings and the lowest block frozen
-    (also run on 8 devices)."""
-    return finetune(classify(sort_config(steps=2)), init_from=str(source), freeze=["embeddings"],
-                    freeze_lower_blocks=1)
+    return model_params(restore_run(run_dir).model)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +104,7 @@ def test_sharded_finetuning_loads_and_trains_as_on_one_device(pretrained, finetu
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one = read_losses(finetuned.metrics_path)
-    eight = read_losses(tmp_path / "run" / "metrics.jsonl")
+    eight = read_losses(tmp_path / "run")
     assert sorted(one) == sorted(eight) == [1, 2]
     np.testing.assert_allclose([eight[s] for s in (1, 2)], [one[s] for s in (1, 2)], rtol=1e-5)
     source, sharded = params_of(pretrained), params_of(tmp_path / "run")
@@ -142,7 +119,7 @@ def test_resume_takes_precedence_over_init_from(finetuned, tmp_path):
     config = replace(finetuned_config(tmp_path / "gone"), trainer={"steps": 4})
     result = train(config, tmp_path / "run")
     assert result.step == 4 and result.init_report is None
-    assert sorted(read_losses(tmp_path / "run" / "metrics.jsonl")) == [1, 2, 3, 4]
+    assert sorted(read_losses(tmp_path / "run")) == [1, 2, 3, 4]
 
 
 # -- the optimizer: frozen groups, frozen lower blocks, per-group learning rates -----------------
@@ -151,12 +128,12 @@ def steps_on_sort(optim: OptimConfig, ft: FinetuneConfig, n_steps: int):
     config = sort_config()
     task = build_task(config.task)
     model_cfg = dataclasses.replace(config.model, vocab_size=task.tokenizer.get_vocab_size())
-    tx = make_train_optimizer(optim, ft, model_cfg, total_steps=10)
+    tx = make_optimizer(optim, 10, freeze_plan_for(ft, model_cfg))
     graphdef, params, rest = split_model(build_model(model_cfg, seed=0))
     before = jax.device_get(nnx.to_pure_dict(params))
     state = create_train_state(params, tx, seed=0)
-    step = make_train_step(graphdef, rest, tx, make_schedule(optim, 10), "clm")
-    batches = train_iterator(task, "clm", 16, seed=0)
+    step = make_train_step(graphdef, rest, tx, make_schedule(optim, 10), OBJECTIVES["clm"])
+    batches = train_iterator(task, OBJECTIVES["clm"], 16, seed=0)
     for _ in range(n_steps):
         state, _ = step(state, next(batches))
     return before, jax.device_get(nnx.to_pure_dict(state.params)), state.opt_state
@@ -217,7 +194,7 @@ def test_gpt2_folder_of_another_alphabet_loads_rows_by_token(tmp_path):
     model_cfg = dataclasses.replace(config.model, vocab_size=task.tokenizer.get_vocab_size())
     mesh = make_mesh(config.mesh)
     with use_mesh(mesh):
-        tx = make_train_optimizer(config.optim, config.finetune, model_cfg, 10)
+        tx = make_optimizer(config.optim, 10, freeze_plan_for(config.finetune, model_cfg))
         layout = state_layout(model_cfg, tx, config.seed, mesh)
         plan = plan_init(config.finetune, model_cfg, task.tokenizer, layout.abstract.params)
         fresh = init_train_state(model_cfg, tx, config.seed, layout.shardings)
@@ -313,7 +290,7 @@ def write_folder(path: Path, model_type: str) -> str:
      "task sort is not a classification task"),
 ])
 def test_bad_transfer_settings_are_one_line_errors(pretrained, tmp_path, change, message):
-    with pytest.raises(ConfigError, match=message) as err:
+    with pytest.raises(UserError, match=message) as err:
         train(change(pretrained, tmp_path), tmp_path / "run")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
@@ -341,7 +318,7 @@ def test_allowed_shape_mismatch_reinitialises_and_reports(pretrained):
     ({"mode": "lora"}, "finetune.mode='lora' is not one of full, head_only"),
 ])
 def test_bad_finetune_values_fail_at_config_time(bad, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(UserError, match=message):
         FinetuneConfig(**bad)
 
 

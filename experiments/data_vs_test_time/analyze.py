@@ -5,7 +5,7 @@
 SWEEP_DIR is the sweep of `experiment=data_vs_test_time[_cpu]` after run.py evaluated it: one dir
 per training run (.hydra/config.yaml, metrics.jsonl) holding test_time/<settings>/summary.json and
 samples.jsonl from `python -m jaxformer.evaluate`. Every accuracy is the mean over held-out problems
-as jaxformer/selection.py defines it; seeds of a training-set size D are averaged. --setting picks
+as jaxformer/inference/selection.py defines it; seeds of a training-set size D are averaged. --setting picks
 the sampling setting of the main figures (default: temperature 1, no top-k / top-p). Writes to --out:
 
   summary.md           markdown tables: accuracy vs k per D and strategy, sampling settings, the
@@ -42,8 +42,8 @@ from sweep import (  # noqa: E402
 )
 from tradeoff import extrapolate_k, fit_common_slope, iso_accuracy, k_to_reach  # noqa: E402
 
-from jaxformer.config import ConfigError  # noqa: E402
-from jaxformer.selection import majority_at_k, pass_at_k  # noqa: E402
+from jaxformer.errors import UserError  # noqa: E402
+from jaxformer.inference.selection import majority_at_k, pass_at_k  # noqa: E402
 
 TARGETS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # accuracies of the iso-accuracy contours
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = load_sweep(Path(args.sweep_dir))
         settings = common_settings(runs)
         setting = pick_setting(settings, args.setting)
-    except ConfigError as err:
+    except UserError as err:
         raise SystemExit(f"error: {err}") from None
     problems = {run.evaluations[setting].difficulty.tobytes() for run in runs}
     if len(problems) > 1:

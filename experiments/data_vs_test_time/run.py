@@ -24,7 +24,6 @@ Every stage prints what it runs or skips and its wall time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -37,8 +36,10 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from jaxformer.cli import CONF_DIR
-from jaxformer.config import ConfigError, register_configs, to_train_config
+from jaxformer.cli.app import CONF_DIR
+from jaxformer.config import register_configs, to_train_config
+from jaxformer.errors import UserError
+from jaxformer.runs import RunDir
 
 HERE = Path(__file__).resolve().parent
 EVALUATIONS = HERE / "evaluations.yaml"
@@ -57,18 +58,10 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        """The loop writes a summary record at the end of a run (after its last checkpoint)."""
-        metrics = self.run_dir / "metrics.jsonl"
-        if not metrics.exists():
-            return False
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("split") == "summary" and record.get("step", 0) >= self.steps:
-                return True
-        return False
+        """The run reached its steps: the loop's summary record (written after the last
+        checkpoint) is in its metrics."""
+        return any(record.get("step", 0) >= self.steps
+                   for record in RunDir(self.run_dir).metrics("summary"))
 
 
 def compose_config(config_name: str, overrides: list[str], hydra: bool = False):
@@ -84,11 +77,11 @@ def sweep_overrides(experiment: str, overrides: list[str]) -> list[list[str]]:
     base = compose_config("train", [f"experiment={experiment}", *fixed], hydra=True)
     sweeper = base.hydra.sweeper
     if not sweeper._target_.endswith("BasicSweeper"):
-        raise ConfigError(f"experiment={experiment} uses {sweeper._target_}: run.py expands "
-                          "Hydra's basic sweeper (hydra.sweeper.params) only")
+        raise UserError(f"experiment={experiment} uses {sweeper._target_}: run.py expands "
+                        "Hydra's basic sweeper (hydra.sweeper.params) only")
     if "${now:" in OmegaConf.to_yaml(base.hydra.sweep, resolve=False):
-        raise ConfigError(f"experiment={experiment} has a timestamped hydra.sweep.dir: fix it "
-                          "(e.g. multirun/${name}/sweep) so a relaunch finds the same runs")
+        raise UserError(f"experiment={experiment} has a timestamped hydra.sweep.dir: fix it "
+                        "(e.g. multirun/${name}/sweep) so a relaunch finds the same runs")
     params = [f"{key}={value}" for key, value in (sweeper.params or {}).items()]
     parsed = OverridesParser.create().parse_overrides(params + overrides)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
@@ -104,8 +97,8 @@ def sweep_jobs(experiment: str, overrides: list[str]) -> list[Job]:
             del cfg["hydra"]  # the job's own config, as the app receives it
         jobs.append(Job(job, run_dir, to_train_config(cfg).trainer.steps))
     if len({job.run_dir for job in jobs}) < len(jobs):
-        raise ConfigError(f"experiment={experiment} gives several jobs the same dir: name "
-                          "hydra.sweep.subdir by every swept key (e.g. D${task.train_size}-seed${seed})")
+        raise UserError(f"experiment={experiment} gives several jobs the same dir: name "
+                        "hydra.sweep.subdir by every swept key (e.g. D${task.train_size}-seed${seed})")
     return jobs
 
 
@@ -114,8 +107,8 @@ def evaluation_lines(experiment: str, given: list[str] | None) -> list[str]:
         return given
     table = OmegaConf.to_container(OmegaConf.load(EVALUATIONS))
     if experiment not in table:
-        raise ConfigError(f"{EVALUATIONS} has no evaluations for experiment={experiment}: add a "
-                          f"list under '{experiment}:' or pass --evaluate \"OVERRIDES\"")
+        raise UserError(f"{EVALUATIONS} has no evaluations for experiment={experiment}: add a "
+                        f"list under '{experiment}:' or pass --evaluate \"OVERRIDES\"")
     return list(table[experiment])
 
 
@@ -137,7 +130,8 @@ def train(experiment: str, overrides: list[str], jobs: list[Job], dry_run: bool)
 
 
 def evaluate(jobs: list[Job], lines: list[str], dry_run: bool) -> None:
-    from jaxformer.evaluate import evaluate_run, report, settings_key, to_evaluate_config
+    from jaxformer.cli.evaluate import report, to_evaluate_config
+    from jaxformer.inference.test_time import evaluate_run, settings_key
 
     total, start = len(jobs) * len(lines), time.perf_counter()
     for i, (job, line) in enumerate(((job, line) for job in jobs for line in lines), 1):
@@ -180,9 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         train(args.experiment, args.overrides, jobs, args.dry_run)
         unfinished = [job.name for job in jobs if not job.finished]
         if unfinished and not args.dry_run:
-            raise ConfigError(f"runs {', '.join(unfinished)} did not finish: relaunch to resume them")
+            raise UserError(f"runs {', '.join(unfinished)} did not finish: relaunch to resume them")
         evaluate(jobs, lines, args.dry_run)
-    except ConfigError as err:
+    except UserError as err:
         raise SystemExit(f"error: {err}") from None
     if args.no_analysis or args.dry_run:
         return

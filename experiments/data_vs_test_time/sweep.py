@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from tradeoff import sample_flops, train_flops
 
-from jaxformer.config import ConfigError
-from jaxformer.selection import answer_ids
+from jaxformer.errors import UserError
+from jaxformer.runs import RunDir, find_runs
+from jaxformer.inference.selection import answer_ids
 
 STRATEGIES = {  # summary.json prefix -> name; verifier_eps0 equals pass@k exactly, so it is left out
     "pass": "pass@k (exact verifier)",
@@ -88,41 +88,17 @@ def load_evaluation(directory: Path) -> Evaluation:
         float(np.mean([r["greedy"]["tokens"] for r in records])))
 
 
-@lru_cache(maxsize=None)
-def count_parameters(model_json: str, vocab_size: int) -> int:
-    """The model's parameter count from its config, without building any array."""
-    from flax import nnx
-
-    from jaxformer.config import ModelConfig
-    from jaxformer.models import build_model, resolve_model_config
-    from jaxformer.training.state import count_params, split_model
-
-    model_cfg = resolve_model_config(ModelConfig(**json.loads(model_json)), vocab_size)
-    return count_params(split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))[1])
-
-
-def load_run(run_dir: Path) -> Run:
-    from jaxformer.config import to_dict
-    from jaxformer.data.tasks import build_task
-    from jaxformer.objectives import objective_for
-    from jaxformer.restore import read_run_config
-
-    cfg = read_run_config(run_dir)
+def load_run(run_dir: RunDir) -> Run:
+    cfg = run_dir.config
     if cfg.task.train_size is None:
-        raise ConfigError(f"{run_dir} trained with task.train_size=null (fresh problems every "
-                          "step): Study B needs a training set of D unique problems")
-    task = build_task(cfg.task)
-    width = task.max_positions(objective_for(cfg.model.kind, task.num_classes > 0))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
-    final = [r for r in records if r.get("split") == "eval" and "exact_match" in r]
-    wandb_id = run_dir / "wandb_run_id"
-    run = Run(run_dir, cfg.task.train_size, cfg.seed,
-              count_parameters(json.dumps(to_dict(cfg.model)), task.tokenizer.get_vocab_size()),
+        raise UserError(f"{run_dir.path} trained with task.train_size=null (fresh problems every "
+                        "step): Study B needs a training set of D unique problems")
+    width = run_dir.objective.max_positions(run_dir.task)
+    final = [r for r in run_dir.metrics("eval") if "exact_match" in r]
+    run = Run(run_dir.path, cfg.task.train_size, cfg.seed, run_dir.n_params,
               cfg.trainer.steps * cfg.trainer.batch_size * width,
-              final[-1]["exact_match"] if final else None,
-              wandb_id.read_text().strip() if wandb_id.exists() else None)
-    for summary in sorted(run_dir.glob("test_time/*/summary.json")):
+              final[-1]["exact_match"] if final else None, run_dir.wandb_id)
+    for summary in sorted(run_dir.path.glob("test_time/*/summary.json")):
         evaluation = load_evaluation(summary.parent)
         run.evaluations[evaluation.setting] = evaluation
     return run
@@ -130,16 +106,16 @@ def load_run(run_dir: Path) -> Run:
 
 def load_sweep(sweep_dir: Path) -> list[Run]:
     if not sweep_dir.is_dir():
-        raise ConfigError(f"{sweep_dir} is not a directory: pass the sweep dir of run.py "
-                          "(e.g. multirun/data_vs_test_time_cpu/sweep)")
-    run_dirs = sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/config.yaml"))
+        raise UserError(f"{sweep_dir} is not a directory: pass the sweep dir of run.py "
+                        "(e.g. multirun/data_vs_test_time_cpu/sweep)")
+    run_dirs = find_runs(sweep_dir)
     if not run_dirs:
-        raise ConfigError(f"{sweep_dir} holds no training runs (*/.hydra/config.yaml): pass the "
-                          "sweep dir of run.py (e.g. multirun/data_vs_test_time_cpu/sweep)")
+        raise UserError(f"{sweep_dir} holds no training runs (*/.hydra/config.yaml): pass the "
+                        "sweep dir of run.py (e.g. multirun/data_vs_test_time_cpu/sweep)")
     runs = [run for run in map(load_run, run_dirs) if run.evaluations]
     if not runs:
-        raise ConfigError(f"no run in {sweep_dir} has an evaluation (test_time/*/summary.json): "
-                          "run experiments/data_vs_test_time/run.py first")
+        raise UserError(f"no run in {sweep_dir} has an evaluation (test_time/*/summary.json): "
+                        "run experiments/data_vs_test_time/run.py first")
     return sorted(runs, key=lambda r: (r.train_size, r.seed))
 
 
@@ -147,15 +123,15 @@ def load_sweep(sweep_dir: Path) -> list[Run]:
 def common_settings(runs: list[Run]) -> list[str]:
     settings = set.intersection(*(set(run.evaluations) for run in runs))
     if not settings:
-        raise ConfigError("no sampling setting was evaluated for every run: finish run.py")
+        raise UserError("no sampling setting was evaluated for every run: finish run.py")
     return sorted(settings)
 
 
 def pick_setting(settings: list[str], wanted: str) -> str:
     matches = [s for s in settings if s == wanted or s.startswith(wanted + "-")]
     if not matches:
-        raise ConfigError(f"--setting {wanted} matches none of the evaluated settings: "
-                          f"{', '.join(settings)}")
+        raise UserError(f"--setting {wanted} matches none of the evaluated settings: "
+                        f"{', '.join(settings)}")
     return max(matches, key=lambda s: int(s.split("-n")[1].split("-")[0]))  # the most samples
 
 

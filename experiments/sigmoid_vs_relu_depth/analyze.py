@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
-from jaxformer.config import TaskConfig
+from jaxformer.config import TaskConfig, to_dict
 from jaxformer.data.tasks import build_task
+from jaxformer.runs import find_runs
 
 ACTIVATION_ORDER = ("sigmoid", "relu", "gelu", "gelu_tanh", "silu")
 SMOOTH = 3  # logged train losses in the running mean that decides the threshold step
@@ -94,15 +93,8 @@ def make_run(path: str, config: dict, records: list[dict]) -> Run:
 
 
 def load_sweep(sweep_dir: Path) -> list[Run]:
-    runs = []
-    for metrics in sorted(sweep_dir.glob("**/metrics.jsonl")):
-        config_file = metrics.parent / ".hydra" / "config.yaml"
-        if not config_file.exists():
-            continue
-        config = OmegaConf.to_container(OmegaConf.load(config_file))
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        runs.append(make_run(str(metrics.parent), config, records))
-    return runs
+    return [make_run(str(run.path), to_dict(run.config), run.metrics())
+            for run in find_runs(sweep_dir) if run.metrics_path.exists()]
 
 
 def wandb_records(history_rows: list[dict]) -> list[dict]:

@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 from jaxformer.config import TaskConfig
 from jaxformer.data.tokenizers import char_tokenizer
 from jaxformer.data.vectors import VECTOR_TASKS, TeacherTask
+from jaxformer.errors import UserError
 
 SYMBOLS = "0123456789abcdefghijklmnopqrstuvwxyz"  # sequence tasks use the first task.n_symbols
 MIN_HELDOUT_SHARE = 0.02  # at least 2% of the problems are reserved for evaluation...
@@ -107,18 +108,6 @@ class Task:
     def tgt_len(self) -> int:
         return self.answer_chars + 2  # <bos> answer <eos>: the seq2seq target
 
-    def max_positions(self, objective: str) -> int:
-        """Positions the model must embed: the widest token array of `objective`'s batches."""
-        widths = {"clm": self.seq_len, "mlm": self.seq_len, "classification": self.cls_len,
-                  "seq2seq": max(self.src_len, self.tgt_len)}
-        if objective not in widths:
-            raise ValueError(f"objective {objective!r} is not one of {', '.join(widths)}")
-        return widths[objective]
-
-    @property
-    def is_classification(self) -> bool:
-        return self.num_classes > 0
-
     @property
     def num_problems(self) -> int:
         """Distinct problems the task can pose."""
@@ -132,7 +121,7 @@ class Task:
         raise NotImplementedError
 
     def label(self, problem: Problem) -> int:
-        raise ValueError(f"task {self.cfg.name!r} is not a classification task: it has no labels")
+        raise UserError(f"task {self.cfg.name!r} is not a classification task: it has no labels")
 
     def check(self, problem: Problem, completion: str) -> bool:
         """Exact match of the answer text (so '0012' for 2100 reversed is wrong: digits are exact)."""
@@ -200,7 +189,7 @@ class Task:
             # a tiny space the hash put wholly in the held-out split
             if pool is not None and not len(pool):
                 space, widen = self._describe()
-                raise ValueError(f"every one of the {self.num_problems} problems {space} is held out, "
+                raise UserError(f"every one of the {self.num_problems} problems {space} is held out, "
                                  f"none is left to train on: raise {widen}")
             rows += kept
         return [self._problem(row) for row in rows[:n]]
@@ -244,7 +233,7 @@ class Task:
         pool = self._split_pool(heldout, label)
         available = len(pool) if pool is not None else int(self._count(label) * share)
         if n > available:
-            raise ValueError(self._shortage(request, n, heldout, label, f"only {available} exist"))
+            raise UserError(self._shortage(request, n, heldout, label, f"only {available} exist"))
         chosen: dict[tuple[int, ...], None] = {}
         for _ in range(SAMPLING_ROUNDS):
             codes = self._draw(rng, int(2 * (n - len(chosen)) / share) + 16, label)
@@ -253,7 +242,7 @@ class Task:
                 if len(chosen) == n:
                     return np.array(list(chosen), np.int64)
         if pool is None:
-            raise ValueError(self._shortage(request, n, heldout, label,
+            raise UserError(self._shortage(request, n, heldout, label,
                                             f"sampling found only {len(chosen)}"))
         # nearly all of a small space is wanted: rare problems are slow to draw, take them from the list
         missing = [row for row in map(tuple, pool.tolist()) if row not in chosen]
@@ -326,13 +315,6 @@ class AdditionTask(Task):
         width = self.cfg.max_digits + 1 if self.cfg.pad_operands else 0
         digits = f"{problem.a + problem.b:0{width}d}" if width else str(problem.a + problem.b)
         return digits[::-1] if self.cfg.reverse_answer else digits
-
-    def parse(self, completion: str) -> int | None:
-        """The number a completion states, or None if it is not a number."""
-        text = completion.strip()
-        if not text.isdigit():
-            return None
-        return int(text[::-1] if self.cfg.reverse_answer else text)
 
 
 class SequenceTask(Task):

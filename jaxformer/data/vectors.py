@@ -39,14 +39,6 @@ class TeacherTask:
         reference = self._logits(rng.standard_normal((BALANCING_SAMPLE, cfg.input_dim)))
         self.offset_c = _balancing_offsets(reference)
 
-    @property
-    def is_classification(self) -> bool:
-        return True
-
-    def max_positions(self, objective: str) -> int:
-        """One input vector per example (what the loop's tokens_per_s counts)."""
-        return 1
-
     def _logits(self, x_nd: np.ndarray) -> np.ndarray:
         return np.tanh(x_nd @ self.w_in_dh) @ self.w_out_hc - self.offset_c
 

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from jaxformer.config import ConfigError, ModelConfig
+from jaxformer.config import RUNTIME, ModelConfig
+from jaxformer.errors import UserError
 from jaxformer.models import build_model
 
 
-class InteropError(ValueError):
+class InteropError(UserError):
     """A folder, checkpoint or config that cannot be mapped; the message is one line."""
 
 
@@ -33,7 +34,7 @@ HF_ACTIVATIONS = {
 }
 
 # ModelConfig fields that change how a model runs, never what it computes: safe to override
-RUNTIME_FIELDS = ("scan_layers", "attention", "dtype", "dropout")
+RUNTIME_FIELDS = ModelConfig.fields_with_role(RUNTIME)
 
 
 def require(origin: str, field: str, value, allowed: Iterable, hint: str = "") -> None:
@@ -54,8 +55,8 @@ def make_config(origin: str, overrides: Mapping, **fields) -> ModelConfig:
                            f"the computation); only {', '.join(RUNTIME_FIELDS)} may be overridden")
     try:
         return ModelConfig(**{**fields, **overrides})
-    except ConfigError as err:
-        raise InteropError(f"{origin}: {err}") from None
+    except UserError as err:
+        raise InteropError(f"{origin}: {err}") from err
 
 
 @dataclass(frozen=True)

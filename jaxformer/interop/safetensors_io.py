@@ -30,7 +30,7 @@ def read_hf_config(model_dir: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise InteropError(f"{path}: not valid JSON ({err})") from None
+        raise InteropError(f"{path}: not valid JSON ({err})") from err
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:

@@ -1,7 +1,11 @@
-"""Scaled dot-product attention and multi-head attention with causal and padding masks; the KV
-cache decoding reads and writes.
+"""Multi-head attention, one path: masks, the one attention function (xla | reference), and the
+KV cache decoding reads and writes.
 
-Masks are boolean and broadcast to (batch, heads, queries, keys); True means "may attend".
+Queries, keys, values and the cache are head-major, (B, heads, T, head_dim): the cache's batched
+matmuls then need no transposes (a (B, T, heads, head_dim) cache is copied at every decoding step,
+~10x slower on CPU), and the xla path's swaps to jax.nn.dot_product_attention's layout and back
+cancel out in XLA. Masks are boolean and broadcast to (batch, heads, queries, keys); True means
+"may attend".
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
+from jaxformer.models.instrument import SowConfig
 from jaxformer.models.layers import apply_rope, dense
 from jaxformer.parallel import constrain
 
@@ -34,8 +39,7 @@ def cache_mask(positions_bt: jax.Array, width: int) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """Keys and values (B, heads, W, head_dim) of one attention layer, head-major so attention
-    over them needs no transposes; slot w holds position w."""
+    """Keys and values (B, heads, W, head_dim) of one attention layer; slot w holds position w."""
 
     k: jax.Array
     v: jax.Array
@@ -59,55 +63,44 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
     return out
 
 
-def head_major_attention(
-    q_bhtd: jax.Array, k_bhsd: jax.Array, v_bhsd: jax.Array,
-    mask: jax.Array | None = None, scale: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """softmax(Q K^T * scale) V spelled out on head-major arrays (the KV cache's layout, whose
-    batched matmuls need no transposes); returns (output_bhtd, weights_bhts)."""
-    scale = 1.0 / math.sqrt(q_bhtd.shape[-1]) if scale is None else scale
-    scores_bhts = jnp.einsum("bhtd,bhsd->bhts", q_bhtd, k_bhsd) * scale
-    if mask is not None:
-        scores_bhts = jnp.where(mask, scores_bhts, jnp.finfo(scores_bhts.dtype).min)
-    weights_bhts = jax.nn.softmax(scores_bhts.astype(jnp.float32), axis=-1).astype(v_bhsd.dtype)
-    return jnp.einsum("bhts,bhsd->bhtd", weights_bhts, v_bhsd), weights_bhts
-
-
 def to_head_major(x_bthd: jax.Array) -> jax.Array:
     """(B, T, H, D) <-> (B, H, T, D)."""
     return jnp.swapaxes(x_bthd, 1, 2)
 
 
-def reference_attention(
-    q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
-    mask: jax.Array | None = None, scale: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """softmax(Q K^T * scale) V spelled out; returns (output_bthd, weights_bhts)."""
-    out_bhtd, weights_bhts = head_major_attention(
-        to_head_major(q_bthd), to_head_major(k_bshd), to_head_major(v_bshd), mask, scale)
-    return to_head_major(out_bhtd), weights_bhts
+def attention_weights(q_bhtd: jax.Array, k_bhsd: jax.Array, mask: jax.Array | None = None,
+                      scale: float | None = None) -> jax.Array:
+    """softmax(Q K^T * scale) over the keys, (B, heads, T, S); scale 1/sqrt(head_dim) by default."""
+    scale = 1.0 / math.sqrt(q_bhtd.shape[-1]) if scale is None else scale
+    scores_bhts = jnp.einsum("bhtd,bhsd->bhts", q_bhtd, k_bhsd) * scale
+    if mask is not None:
+        scores_bhts = jnp.where(mask, scores_bhts, jnp.finfo(scores_bhts.dtype).min)
+    return jax.nn.softmax(scores_bhts.astype(jnp.float32), axis=-1).astype(q_bhtd.dtype)
 
 
 def dot_product_attention(
-    q_bthd: jax.Array, k_bshd: jax.Array, v_bshd: jax.Array,
-    mask: jax.Array | None = None, scale: float | None = None, implementation: str = "xla",
+    q_bhtd: jax.Array, k_bhsd: jax.Array, v_bhsd: jax.Array, mask: jax.Array | None = None,
+    implementation: str = "xla", scale: float | None = None,
 ) -> jax.Array:
-    if implementation == "reference":
-        return reference_attention(q_bthd, k_bshd, v_bshd, mask, scale)[0]
-    return jax.nn.dot_product_attention(
-        q_bthd, k_bshd, v_bshd, mask=mask, scale=scale, implementation="xla"
-    )
+    """The attention function of training, decoding and inspection: (B, heads, T, head_dim).
+    xla: jax.nn.dot_product_attention's XLA path; reference: softmax(Q K^T / sqrt(d)) V spelled out."""
+    if implementation == "xla":
+        out_bthd = jax.nn.dot_product_attention(
+            *map(to_head_major, (q_bhtd, k_bhsd, v_bhsd)), mask=mask, scale=scale,
+            implementation="xla")
+        return to_head_major(out_bthd)
+    return jnp.einsum("bhts,bhsd->bhtd", attention_weights(q_bhtd, k_bhsd, mask, scale), v_bhsd)
 
 
 class MultiHeadAttention(nnx.Module):
-    """Multi-head attention; self-attention when `context_bsd` is None, cross-attention otherwise.
+    """Self-attention over `x_btd`, or (`cross=True`) cross-attention to a context sequence.
 
-    With `positions="rope"`, self-attention rotates queries and keys by their positions; cross-attention
-    does not (its keys live in another sequence). With `capture_weights` set (and the reference
-    implementation), the attention weights are sown as `nnx.Intermediate` for inspection.
+    Rope (`positions="rope"`) rotates the queries and keys of self-attention by their positions;
+    cross-attention gets no positions (its keys live in another sequence). With `sow_config`
+    (models/instrument.py) the attention weights can be sown beside the unchanged output.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, cross: bool = False, rngs: nnx.Rngs):
         self.query, self.key, self.value = (
             dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, names=("embed", "heads"))
             for _ in range(3)
@@ -117,57 +110,43 @@ class MultiHeadAttention(nnx.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.implementation = cfg.attention
         self.rope_theta = cfg.rope_theta if cfg.positions == "rope" else None
-        self.capture_weights = False
+        self.cross = cross
+        self.sow_config = SowConfig()
 
-    def _heads(self, x_btd: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_btd: jax.Array, context_bsd: jax.Array | None = None, *, mask: jax.Array | None,
+        positions_bt: jax.Array | None = None, cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """(output (B, T, d_model), cache); the cache is None when none was given.
+
+        Decoding: self-attention writes this call's keys/values into `cache` at `positions_bt`,
+        then attends over the whole cache (`mask` from `cache_mask`); cross-attention reads the
+        context's keys/values from `cache` (`memory_cache`) and takes no context."""
+        q_bhtd = self._heads(self.query(x_btd), positions_bt)
+        if self.cross and cache is not None:  # the memory's keys/values, computed once
+            k_bhsd, v_bhsd = cache
+        else:
+            k_bhsd, v_bhsd = self._keys_values(x_btd if context_bsd is None else context_bsd,
+                                               positions_bt)
+            if cache is not None:  # this call's positions join the ones decoded before
+                cache = cache.write(k_bhsd, v_bhsd, positions_bt[:, 0])
+                k_bhsd, v_bhsd = cache
+        out_bhtd = dot_product_attention(q_bhtd, k_bhsd, v_bhsd, mask, self.implementation)
+        self.sow_config.maybe_sow_attention_weights(
+            self, lambda: attention_weights(q_bhtd, k_bhsd, mask))
+        return self.out(to_head_major(out_bhtd).reshape(x_btd.shape)), cache
+
+    def _heads(self, x_btd: jax.Array, positions_bt: jax.Array | None = None) -> jax.Array:
+        """(B, T, d_model) -> (B, heads, T, head_dim), rotated by `positions_bt` under rope."""
         x_bthd = x_btd.reshape(*x_btd.shape[:-1], self.n_heads, self.head_dim)
-        return constrain(x_bthd, ("act_batch", "act_length", "act_heads", None))
-
-    def _rotate(self, x_bthd: jax.Array, positions_bt: jax.Array | None) -> jax.Array:
-        """Rope on self-attention (positions given); cross-attention passes no positions."""
-        if self.rope_theta is None or positions_bt is None:
-            return x_bthd
-        return apply_rope(x_bthd, positions_bt, self.rope_theta)
+        x_bthd = constrain(x_bthd, ("act_batch", "act_length", "act_heads", None))
+        if self.rope_theta is not None and positions_bt is not None and not self.cross:
+            x_bthd = apply_rope(x_bthd, positions_bt, self.rope_theta)
+        return to_head_major(x_bthd)
 
     def _keys_values(self, context_bsd: jax.Array, positions_bs: jax.Array | None = None):
-        """Keys and values (B, S, heads, head_dim) of `context_bsd`; keys rotated for self-attention."""
-        k_bshd = self._rotate(self._heads(self.key(context_bsd)), positions_bs)
-        return k_bshd, self._heads(self.value(context_bsd))
+        return self._heads(self.key(context_bsd), positions_bs), self._heads(self.value(context_bsd))
 
     def memory_cache(self, memory_bsd: jax.Array) -> KVCache:
         """Cross-attention keys/values of an encoder memory, computed once for decoding."""
-        return KVCache(*map(to_head_major, self._keys_values(memory_bsd)))
-
-    def __call__(
-        self, x_btd: jax.Array, context_bsd: jax.Array | None = None, *,
-        mask: jax.Array | None = None, positions_bt: jax.Array | None = None,
-    ) -> jax.Array:
-        is_self = context_bsd is None
-        positions_bt = positions_bt if is_self else None
-        q_bthd = self._rotate(self._heads(self.query(x_btd)), positions_bt)
-        k_bshd, v_bshd = self._keys_values(x_btd if is_self else context_bsd, positions_bt)
-        if self.capture_weights:
-            out_bthd, weights_bhts = reference_attention(q_bthd, k_bshd, v_bshd, mask)
-            self.sow(nnx.Intermediate, "attention_weights", weights_bhts)
-        else:
-            out_bthd = dot_product_attention(
-                q_bthd, k_bshd, v_bshd, mask=mask, implementation=self.implementation
-            )
-        return self.out(out_bthd.reshape(x_btd.shape))
-
-    def cached(
-        self, x_btd: jax.Array, cache: KVCache, *, mask: jax.Array,
-        positions_bt: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache]:
-        """Attention over a KV cache; returns (output, cache).
-
-        Self-attention (`positions_bt` given): this call's keys/values are first written at their
-        positions, then the queries attend over the whole cache under `mask` (see `cache_mask`).
-        Cross-attention (no positions): the cache holds the memory's keys/values, read only.
-        """
-        q_bhtd = to_head_major(self._rotate(self._heads(self.query(x_btd)), positions_bt))
-        if positions_bt is not None:
-            k_bthd, v_bthd = self._keys_values(x_btd, positions_bt)
-            cache = cache.write(to_head_major(k_bthd), to_head_major(v_bthd), positions_bt[:, 0])
-        out_bhtd = head_major_attention(q_bhtd, cache.k, cache.v, mask)[0]
-        return self.out(to_head_major(out_bhtd).reshape(x_btd.shape)), cache
+        return KVCache(*self._keys_values(memory_bsd))

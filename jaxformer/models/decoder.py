@@ -69,12 +69,12 @@ class Decoder(Classifies, nnx.Module):
         """`step(tokens_bt, positions_bt, cache) -> (hidden_btd, cache)`: hidden states (B, T,
         d_model) of tokens at absolute positions, attending to cached positions <= their own, their
         keys/values written to the cache. Build it once, outside the decode loop."""
-        blocks = self.stack.layer_blocks()
+        run_stack = self.stack.decode_fn()
 
         def step(tokens_bt: jax.Array, positions_bt: jax.Array, cache: DecodeCache):
-            x_btd = self.embeddings(self.embed(tokens_bt), positions_bt)
-            x_btd, layers = self.stack.cached(blocks, x_btd, cache_mask(positions_bt, cache.width),
-                                              positions_bt, cache.layers)
+            x_btd = self.embeddings(self.embed(tokens_bt), positions_bt, deterministic=True)
+            x_btd, layers = run_stack(x_btd, cache_mask(positions_bt, cache.width), positions_bt,
+                                      cache.layers)
             x_btd = x_btd if self.final_norm is None else self.final_norm(x_btd)
             return x_btd, cache._replace(layers=layers)
 

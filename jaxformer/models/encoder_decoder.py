@@ -84,14 +84,14 @@ class EncoderDecoder(nnx.Module):
         """`step(tgt_bt, positions_bt, cache) -> (hidden_btd, cache)`: decoder hidden states of
         target tokens at absolute positions, through the self-attention cache (written for them)
         and the cached memory. Build it once, outside the decode loop."""
-        blocks = self.decoder.layer_blocks()
+        run_decoder = self.decoder.decode_fn()
 
         def step(tgt_bt: jax.Array, positions_bt: jax.Array, cache: DecodeCache):
-            y_btd = self.decoder_embeddings(self.embed(tgt_bt), positions_bt)
+            y_btd = self.decoder_embeddings(self.embed(tgt_bt), positions_bt, deterministic=True)
             memory_mask = (None if cache.memory_valid_bs is None
                            else padding_mask(cache.memory_valid_bs))
-            h_btd, layers = self.decoder.cached(blocks, y_btd, cache_mask(positions_bt, cache.width),
-                                                positions_bt, cache.layers, memory_mask)
+            h_btd, layers = run_decoder(y_btd, cache_mask(positions_bt, cache.width), positions_bt,
+                                        cache.layers, memory_mask)
             h_btd = h_btd if self.decoder_norm is None else self.decoder_norm(h_btd)
             return h_btd, cache._replace(layers=layers)
 

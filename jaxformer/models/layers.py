@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.probes import record_activation
+from jaxformer.models.instrument import SowConfig
 from jaxformer.parallel import constrain
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -81,12 +81,12 @@ class MLP(nnx.Module):
         self.down = dense(cfg, cfg.d_ff, cfg.d_model, rngs=rngs, names=("mlp", "embed"))
         self.activation = ACTIVATION_FNS[cfg.activation]
         self.activation_name = cfg.activation
-        self.diagnose = False  # see models/probes.py
+        self.sow_config = SowConfig()  # models/instrument.py
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         pre_btf = constrain(self.up(x_btd), ("act_batch", "act_length", "act_mlp"))
         hidden_btf = self.activation(pre_btf)
-        record_activation(self, pre_btf, hidden_btf)
+        self.sow_config.maybe_sow_activation_stats(self, pre_btf, hidden_btf)
         return self.down(hidden_btf)
 
 

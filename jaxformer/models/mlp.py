@@ -15,7 +15,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.models.blocks import LayerStack
 from jaxformer.models.layers import ACTIVATION_FNS, dense
-from jaxformer.models.probes import record_activation
+from jaxformer.models.instrument import SowConfig
 
 
 class DenseLayer(nnx.Module):
@@ -26,12 +26,12 @@ class DenseLayer(nnx.Module):
         self.activation = ACTIVATION_FNS[cfg.activation]
         self.activation_name = cfg.activation
         self.dropout = nnx.Dropout(cfg.dropout)
-        self.diagnose = False  # see models/probes.py
+        self.sow_config = SowConfig()  # models/instrument.py
 
     def __call__(self, x_bd: jax.Array, **dropout_kw) -> jax.Array:
         pre_bd = self.dense(x_bd)
         h_bd = self.activation(pre_bd)
-        record_activation(self, pre_bd, h_bd)
+        self.sow_config.maybe_sow_activation_stats(self, pre_bd, h_bd)
         return self.dropout(h_bd, **dropout_kw)
 
 

@@ -1,36 +1,17 @@
-"""What a model records for per-layer diagnostics (`jaxformer.diagnostics`), and only then.
-
-Modules with a `diagnose` attribute (layer stacks, MLPs, plain dense layers) keep it False, so the
-graph the train step compiles holds no probe and records nothing. The diagnostics function flips it
-on a copy of the model inside its own jit:
-  - a stack adds a zero `probe` (n_layers, *layer output shape) to its layers' outputs, so the
-    gradient with respect to the probe is the gradient with respect to each layer's output, and it
-    records each layer output's mean and std;
-  - an activation records statistics of its outputs (saturation, zeros, dead units).
-Records are `LayerRecord` variables holding dicts of scalars (per stack: (n_layers,) arrays).
+"""The statistics per-layer diagnostics (`jaxformer/training/diagnostics.py`) record inside a model: of each
+layer's output (mean, std) and of each activation function's outputs (saturation, zeros, dead
+units). Where and when they are recorded is models/instrument.py's `SowConfig`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 # sigmoid counts as saturated outside [0.01, 0.99] (slope below ~0.01); any other activation where
 # its slope |f'(pre-activation)| < SATURATED_SLOPE (relu: exactly where it outputs zero)
 SIGMOID_SATURATED = (0.01, 0.99)
 SATURATED_SLOPE = 0.01
-
-
-class LayerRecord(nnx.Intermediate):
-    """Statistics written by a forward pass in diagnose mode: a dict of arrays."""
-
-
-def enable_diagnostics(model: nnx.Module) -> None:
-    """Switch every module of `model` that can record into diagnose mode (in place)."""
-    for _, module in nnx.iter_modules(model):
-        if hasattr(module, "diagnose"):
-            module.diagnose = True
 
 
 def activation_stats(pre: jax.Array, post: jax.Array, activation: str, fn) -> dict[str, jax.Array]:
@@ -53,23 +34,6 @@ def activation_stats(pre: jax.Array, post: jax.Array, activation: str, fn) -> di
         "zero_frac": zero.mean(dtype=jnp.float32),
         "dead_frac": dead_units.mean(dtype=jnp.float32),
     }
-
-
-def record_activation(module: nnx.Module, pre: jax.Array, post: jax.Array) -> None:
-    """Called by modules with `activation`, `activation_name` and `diagnose` attributes."""
-    if module.diagnose:
-        module.activation_record = LayerRecord(
-            activation_stats(pre, post, module.activation_name, module.activation)
-        )
-
-
-def pop_records(module: nnx.Module) -> dict[str, jax.Array]:
-    """Remove the LayerRecords written inside `module` and merge their dicts into one."""
-    merged: dict[str, jax.Array] = {}
-    for record in jax.tree.leaves(nnx.pop(module, LayerRecord),
-                                  is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        merged.update(record.get_value())
-    return merged
 
 
 def output_stats(x: jax.Array) -> dict[str, jax.Array]:

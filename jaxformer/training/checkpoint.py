@@ -17,7 +17,9 @@ from typing import Any
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxformer.config import ConfigError
+from jaxformer.config import RUNTIME, ModelConfig
+from jaxformer.errors import UserError
+from jaxformer.runs import DATA_ITEM, META_ITEM, STATE_ITEM
 from jaxformer.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -63,34 +65,54 @@ class Checkpointer:
             metrics = {self.best_metric: float(eval_metrics[self.best_metric])}
         return self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
+            args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                DATA_ITEM: ocp.args.JsonSave(data_state),
+                META_ITEM: ocp.args.JsonSave(meta),
+            }),
             metrics=metrics, force=force,
         )
 
     def read_meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return restored.meta
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            **{META_ITEM: ocp.args.JsonRestore()}))
+        return restored[META_ITEM]
+
+    def saved_state_paths(self, step: int) -> set[str]:
+        """The array paths of step `step`'s train state, from the checkpoint's own (orbax) tree
+        metadata: what it holds, read without restoring anything."""
+        reader = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(read_only=True),
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()})
+        try:
+            tree = reader.item_metadata(step)[STATE_ITEM]
+            return array_paths(getattr(tree, "tree", tree))
+        finally:
+            reader.close()
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """(state, data position) of step `step`. A checkpoint whose train state has other arrays
+        than `abstract_state` (another optimizer or freezing layout) is a StateMismatch; one that
+        cannot be read or restored is a UserError (corrupt: the caller may fall back)."""
+        where = self.directory / str(step)
         try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                ),
-            )
-        except Exception as err:  # orbax raises many kinds on corrupt or mismatched trees
-            first_line = str(err).strip().splitlines()[0]
-            # a readable checkpoint of another optimizer layout: every older one has it too
-            message = f"checkpoint {self.directory / str(step)} does not restore ({first_line})"
-            if "tree structures do not match" in first_line:
-                raise StateMismatch(message, self.directory / str(step)) from None
-            raise ConfigError(message) from None
-        return restored.state, restored.data
+            saved = self.saved_state_paths(step)
+        except Exception as err:  # noqa: BLE001 (orbax raises many kinds on corrupt files)
+            raise UserError(f"checkpoint {where} does not restore (unreadable metadata: "
+                            f"{str(err).strip().splitlines()[0]})") from err
+        wanted = state_paths(abstract_state)
+        if saved != wanted:
+            raise StateMismatch(f"checkpoint {where} holds a train state of another layout "
+                                f"({len(saved - wanted)} arrays only there, {len(wanted - saved)} "
+                                "only here)", where)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+                DATA_ITEM: ocp.args.JsonRestore()}))
+        except Exception as err:  # noqa: BLE001 (orbax raises many kinds on corrupt trees)
+            raise UserError(f"checkpoint {where} does not restore "
+                            f"({str(err).strip().splitlines()[0]})") from err
+        return restored[STATE_ITEM], restored[DATA_ITEM]
 
     def latest_meta(self) -> tuple[int, dict] | None:
         """(step, meta) of the newest checkpoint whose meta reads; None without checkpoints."""
@@ -112,7 +134,7 @@ class Checkpointer:
                 state, data_state = self.restore(step, abstract_state)
             except StateMismatch:
                 raise  # not corrupt: falling back would meet the same layout
-            except ConfigError as err:
+            except UserError as err:
                 failures.append(str(err))
                 warn(f"{err}: falling back to the checkpoint before it")
                 continue
@@ -120,8 +142,8 @@ class Checkpointer:
                 self.quarantine(bad)
             return state, data_state, step
         if failures:
-            raise ConfigError(f"none of the {len(steps)} checkpoints in {self.directory} restores "
-                              f"(newest: {failures[0]}): start a new hydra.run.dir")
+            raise UserError(f"none of the {len(steps)} checkpoints in {self.directory} restores "
+                            f"(newest: {failures[0]}): start a new hydra.run.dir")
         return None
 
     def quarantine(self, step: int) -> None:
@@ -140,11 +162,21 @@ class Checkpointer:
         self.manager.close()
 
 
-# Switches that change how a model runs, not its parameters: free to differ on resume.
-RUNTIME_ONLY = ("dropout", "scan_layers", "attention", "dtype")
 
 
-class StateMismatch(ConfigError):
+def array_paths(tree: Any) -> set[str]:
+    """The paths of a (serialised) tree's arrays, in orbax's flat names (`opt_state.1.0.mu...`);
+    empty nodes (optax's EmptyState, a frozen group's MaskedNode) hold no array and no path."""
+    flat = ocp.tree.to_flat_dict(tree, sep=".")
+    return {path for path, leaf in flat.items() if hasattr(leaf, "shape")}
+
+
+def state_paths(abstract_state: TrainState) -> set[str]:
+    """The array paths a train state saves as."""
+    return array_paths(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+
+
+class StateMismatch(UserError):
     """A checkpoint that reads but holds a train state of another structure (optimizer state of
     another optimizer or freezing layout)."""
 
@@ -162,9 +194,9 @@ def changed_settings(section: str, saved: dict[str, Any], now: dict[str, Any],
 
 def check_compatible(saved_model: dict[str, Any], model: dict[str, Any], where: Path) -> None:
     """Refuse to resume a checkpoint written by a model of another shape."""
-    changed = changed_settings("model", saved_model, model, RUNTIME_ONLY)
+    changed = changed_settings("model", saved_model, model, ModelConfig.fields_with_role(RUNTIME))
     if changed:
-        raise ConfigError(
+        raise UserError(
             f"checkpoint in {where} was written by another model ({'; '.join(changed)}): "
             "use the same model config or a new hydra.run.dir"
         )

@@ -6,9 +6,10 @@ Every parameter belongs to one group, decided by the first name on its path:
   blocks      stack, encoder, decoder (the layer stacks) and final_norm, encoder_norm, decoder_norm
   head        classifier, mlm_head
 
-`optax.multi_transform` (optax.partition) gives each frozen group `optax.set_to_zero()` (no updates and
-no optimizer state) and each trainable group its own copy of the base optimizer that
-`make_optimizer` builds, at lr x its multiplier. The lowest N blocks cannot be split off that way:
+The plan plugs into `training/optim.py:make_optimizer`, the one place the optimizer is built:
+`optax.multi_transform` gives each frozen group `optax.set_to_zero()` (no updates and no
+optimizer state) and each trainable group its own copy of the optimizer at lr x its multiplier.
+The lowest N blocks cannot be split off that way:
 a LayerStack keeps its layers stacked on a leading axis, so they are slices of the "blocks" leaves.
 Their gradients are zeroed before the optimizer (so those slices' moments stay exactly zero, and
 clipping only measures what trains) and their updates after it (so weight decay cannot move them).
@@ -17,7 +18,6 @@ Whole frozen groups hold no optimizer state; frozen lower-block slices hold zero
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxformer.config import PARAM_GROUPS, ConfigError, FinetuneConfig, ModelConfig, OptimConfig
+from jaxformer.config import PARAM_GROUPS, FinetuneConfig, ModelConfig
+from jaxformer.errors import UserError
 from jaxformer.models import build_model
-from jaxformer.training.optim import make_optimizer
+from jaxformer.training.optim import FROZEN
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ GROUP_OF_MODULE = {
     "final_norm": "blocks", "encoder_norm": "blocks", "decoder_norm": "blocks",
     "classifier": "head", "mlm_head": "head",
 }
-FROZEN = "frozen"  # the partition label of frozen groups
 STACKED = "blocks"  # a LayerStack's attribute: leaves below it carry a leading layer axis
 
 
@@ -50,8 +50,8 @@ def path_names(path) -> list[str]:
 def param_group(path) -> str:
     names = path_names(path)
     if names[0] not in GROUP_OF_MODULE:
-        raise ConfigError(f"finetune: parameter {'.'.join(names)} is in no parameter group "
-                          f"(jaxformer/training/finetune.py GROUP_OF_MODULE): plain training only")
+        raise UserError(f"finetune: parameter {'.'.join(names)} is in no parameter group "
+                        f"(jaxformer/training/finetune.py GROUP_OF_MODULE): plain training only")
     return GROUP_OF_MODULE[names[0]]
 
 
@@ -116,49 +116,38 @@ def freeze_plan(cfg: FinetuneConfig, model_cfg: ModelConfig) -> FreezePlan:
     tied = " (its LM head is the token table: the embeddings group)" \
         if model_cfg.kind == "decoder" and "head" not in present else ""
     if cfg.mode == "head_only" and "head" not in present:
-        raise ConfigError(f"finetune.mode=head_only, but {where} has no head parameters{tied}: set "
-                          "model.num_classes for a classifier, or freeze groups with finetune.freeze")
+        raise UserError(f"finetune.mode=head_only, but {where} has no head parameters{tied}: set "
+                        "model.num_classes for a classifier, or freeze groups with finetune.freeze")
     for group in cfg.freeze:
         if group not in present:
-            raise ConfigError(f"finetune.freeze=[{group}] names the {group} group, but {where} has "
-                              f"no {group} parameters{tied}: drop it")
+            raise UserError(f"finetune.freeze=[{group}] names the {group} group, but {where} has "
+                            f"no {group} parameters{tied}: drop it")
     if cfg.freeze_lower_blocks:
         if "blocks" in frozen:
-            raise ConfigError(f"finetune.freeze_lower_blocks={cfg.freeze_lower_blocks} has no "
-                              f"effect: every block is frozen already (mode={cfg.mode}, "
-                              f"freeze={list(cfg.freeze)})")
+            raise UserError(f"finetune.freeze_lower_blocks={cfg.freeze_lower_blocks} has no "
+                            f"effect: every block is frozen already (mode={cfg.mode}, "
+                            f"freeze={list(cfg.freeze)})")
         for key, depth in stack_depths(model_cfg).items():
             if cfg.freeze_lower_blocks > depth:
-                raise ConfigError(f"finetune.freeze_lower_blocks={cfg.freeze_lower_blocks} exceeds "
-                                  f"{key}={depth}: freeze at most {depth}")
+                raise UserError(f"finetune.freeze_lower_blocks={cfg.freeze_lower_blocks} exceeds "
+                                f"{key}={depth}: freeze at most {depth}")
     trainable = [g for g in PARAM_GROUPS if g in present and g not in frozen]
     if not trainable:
-        raise ConfigError(f"finetune freezes every parameter group of {where} "
-                          f"(mode={cfg.mode}, freeze={list(cfg.freeze)}): nothing would train")
+        raise UserError(f"finetune freezes every parameter group of {where} "
+                        f"(mode={cfg.mode}, freeze={list(cfg.freeze)}): nothing would train")
     for group in frozen:
         if getattr(cfg.lr_multipliers, group) != 1.0:
-            raise ConfigError(f"finetune.lr_multipliers.{group}="
-                              f"{getattr(cfg.lr_multipliers, group)} scales a frozen group: drop it")
+            raise UserError(f"finetune.lr_multipliers.{group}="
+                            f"{getattr(cfg.lr_multipliers, group)} scales a frozen group: drop it")
     return FreezePlan(frozen, cfg.freeze_lower_blocks,
                       {g: getattr(cfg.lr_multipliers, g) for g in trainable})
 
 
-def make_train_optimizer(optim: OptimConfig, finetune: FinetuneConfig, model_cfg: ModelConfig,
-                         total_steps: int) -> optax.GradientTransformation:
-    """`make_optimizer` as it is for plain training; partitioned by group when finetuning."""
-    if not finetune.changes_optimizer:
-        return make_optimizer(optim, total_steps)
-    plan = freeze_plan(finetune, model_cfg)
-    per_group = {  # clipping moves out, so it measures the global norm of what trains
-        group: make_optimizer(dataclasses.replace(optim, lr=optim.lr * factor, clip_norm=0.0),
-                              total_steps)
-        for group, factor in plan.multipliers.items()
-    }
+def freeze_plan_for(cfg: FinetuneConfig, model_cfg: ModelConfig) -> FreezePlan | None:
+    """The plan `make_optimizer` partitions by, or None for plain training (the optimizer, and
+    its checkpoint layout, then stay as they are without fine-tuning)."""
+    if not cfg.changes_optimizer:
+        return None
+    plan = freeze_plan(cfg, model_cfg)
     log.info("finetune: %s", plan.describe())
-    clip = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
-    return optax.chain(
-        plan.zero_frozen(),  # gradients: frozen slices keep zero moments
-        *clip,
-        optax.multi_transform({FROZEN: optax.set_to_zero(), **per_group}, plan.labels),
-        plan.zero_frozen(),  # updates: no weight decay on frozen slices
-    )
+    return plan

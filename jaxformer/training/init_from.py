@@ -28,19 +28,18 @@ import numpy as np
 from flax import nnx, traverse_util
 from tokenizers import Tokenizer
 
-from jaxformer.config import ConfigError, FinetuneConfig, ModelConfig
+from jaxformer.config import COMPUTES, FinetuneConfig, ModelConfig
+from jaxformer.errors import UserError
 from jaxformer.interop import InteropError, read_hf_decoder, read_hf_encoder
 from jaxformer.interop.params import model_params
 from jaxformer.interop.safetensors_io import read_hf_config
 from jaxformer.parallel import to_host
+from jaxformer.runs import CHECKPOINTS, restore_run
 from jaxformer.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
 HF_READERS = {"bert": read_hf_encoder, "gpt2": read_hf_decoder}
-# fields that change what a parameter computes without changing its shape
-ARCHITECTURE = ("kind", "n_heads", "activation", "positions", "norm", "residual", "embed_norm",
-                "final_norm", "bias", "layer_norm_eps")
 # the source's names for jaxformer's special tokens (BERT, GPT-2)
 SPECIAL_ALIASES = {"<pad>": ("[PAD]",), "<bos>": ("[CLS]", "<|endoftext|>"),
                    "<eos>": ("[SEP]", "<|endoftext|>"), "<unk>": ("[UNK]",), "<mask>": ("[MASK]",)}
@@ -61,53 +60,52 @@ def open_source(init_from: str, step: int | None) -> Source:
     key = f"finetune.init_from={init_from}"
     path = Path(init_from)
     if not path.exists():
-        raise ConfigError(f"{key} does not exist: give a run dir written by jaxformer.train or a "
-                          "Hugging Face model folder")
+        raise UserError(f"{key} does not exist: give a run dir written by jaxformer.train or a "
+                        "Hugging Face model folder")
     if not path.is_dir():
-        raise ConfigError(f"{key} is not a folder: give a run dir or a Hugging Face model folder")
+        raise UserError(f"{key} is not a folder: give a run dir or a Hugging Face model folder")
     try:
-        if (path / "checkpoints").is_dir():
-            from jaxformer.restore import restore_params  # after the config checks: slow
-
-            run = restore_params(path, step)
+        if (path / CHECKPOINTS).is_dir():
+            run = restore_run(path, step, key="finetune.init_from")
             return Source(f"jaxformer run {path} (step {run.step})", run.model_cfg,
                           model_params(run.model), run.tokenizer)
         if not (path / "config.json").is_file():
-            raise ConfigError(f"{key} is neither a jaxformer run dir (no checkpoints/) nor a "
-                              "Hugging Face folder (no config.json)")
+            raise UserError(f"{key} is neither a jaxformer run dir (no checkpoints/) nor a "
+                            "Hugging Face folder (no config.json)")
         if step is not None:
-            raise ConfigError(f"finetune.init_step={step} is for run dirs, but {path} is a Hugging "
-                              "Face folder: set finetune.init_step=null")
+            raise UserError(f"finetune.init_step={step} is for run dirs, but {path} is a Hugging "
+                            "Face folder: set finetune.init_step=null")
         model_type = read_hf_config(path).get("model_type")
         if model_type not in HF_READERS:
-            raise ConfigError(f"{key} is a Hugging Face {model_type!r} folder: jaxformer starts "
-                              "from bert (encoder) and gpt2 (decoder) folders")
+            raise UserError(f"{key} is a Hugging Face {model_type!r} folder: jaxformer starts "
+                            "from bert (encoder) and gpt2 (decoder) folders")
         model_cfg, params, tokenizer = HF_READERS[model_type](path)
         return Source(f"Hugging Face {model_type} folder {path}", model_cfg, params, tokenizer)
-    except (InteropError, ConfigError) as err:
+    except (InteropError, UserError) as err:
         message = str(err)
-        raise ConfigError(message if message.startswith("finetune.") else f"{key}: {message}") \
-            from None
+        raise UserError(message if message.startswith("finetune.") else f"{key}: {message}") \
+            from err
     except OSError as err:
-        raise ConfigError(f"{key} cannot be read ({err.strerror}: {err.filename})") from None
+        raise UserError(f"{key} cannot be read ({err.strerror}: {err.filename})") from err
 
 
 def check_architecture(source: ModelConfig, model: ModelConfig, where: str) -> None:
     """Refuse a source that computes a different function from its weights than this model."""
     if source.kind != model.kind:
-        raise ConfigError(f"finetune.init_from={where} holds a {source.kind} model but model.kind="
-                          f"{model.kind}: weights start a model of their own family (set "
-                          f"model={source.kind} to use this source)")
+        raise UserError(f"finetune.init_from={where} holds a {source.kind} model but model.kind="
+                        f"{model.kind}: weights start a model of their own family (set "
+                        f"model={source.kind} to use this source)")
 
     def value(cfg: ModelConfig, name: str):
         return cfg.use_final_norm if name == "final_norm" else getattr(cfg, name)
 
-    names = [*ARCHITECTURE, *(["rope_theta"] if model.positions == "rope" else [])]
+    names = [name for name in ModelConfig.fields_with_role(COMPUTES)
+             if name != "rope_theta" or model.positions == "rope"]
     differ = [f"model.{name}={value(source, name)!r} there, {value(model, name)!r} here"
               for name in names if value(source, name) != value(model, name)]
     if differ:
-        raise ConfigError(f"finetune.init_from={where} was built with another architecture "
-                          f"({'; '.join(differ)}): set the same values")
+        raise UserError(f"finetune.init_from={where} was built with another architecture "
+                        f"({'; '.join(differ)}): set the same values")
 
 
 def token_rows(target: Tokenizer, target_rows: int, source: Tokenizer | None,
@@ -191,13 +189,13 @@ def plan_init(cfg: FinetuneConfig, model_cfg: ModelConfig, tokenizer: Tokenizer,
     plan.skipped = [f"{path} {tuple(value.shape)}" for path, value in sorted(source.params.items())
                     if path not in targets]
     if mismatched and not cfg.allow_shape_mismatch:
-        raise ConfigError(f"finetune.init_from={cfg.init_from}: {len(mismatched)} parameter(s) "
-                          f"differ in shape ({'; '.join(mismatched[:3])}): match the model config "
-                          "or set finetune.allow_shape_mismatch=true to re-initialise them")
+        raise UserError(f"finetune.init_from={cfg.init_from}: {len(mismatched)} parameter(s) "
+                        f"differ in shape ({'; '.join(mismatched[:3])}): match the model config "
+                        "or set finetune.allow_shape_mismatch=true to re-initialise them")
     plan.reinitialised = mismatched
     if not plan.values:
-        raise ConfigError(f"finetune.init_from={cfg.init_from}: no parameter of the source fits "
-                          "this model")
+        raise UserError(f"finetune.init_from={cfg.init_from}: no parameter of the source fits "
+                        "this model")
     return plan
 
 

@@ -1,5 +1,6 @@
-"""The run directory's own bookkeeping: writability, a lock against two runs writing into one
-directory, and the marker a finished run leaves so a relaunched sweep skips it."""
+"""What training writes into its run directory besides metrics and checkpoints: writability, a
+lock against two runs writing into one directory, and the marker a finished run leaves so a
+relaunched sweep skips it (jaxformer/runs.py reads it)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import os
 import socket
 from pathlib import Path
 
-from jaxformer.config import ConfigError
+from jaxformer.errors import UserError
+from jaxformer.runs import FINISHED
 
-FINISHED = "finished.json"  # written last, when the run reached trainer.steps
 LOCK = ".lock"
 
 
@@ -22,9 +23,9 @@ def check_writable(run_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(
+        raise UserError(
             f"run dir {run_dir} is not writable ({err.strerror}): set hydra.run.dir to a writable path"
-        ) from None
+        ) from err
 
 
 class RunLock:
@@ -39,13 +40,13 @@ class RunLock:
         self.file = self.path.open("a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as err:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise ConfigError(
+            raise UserError(
                 f"run dir {self.path.parent} is in use by {holder}: wait for that run, or set "
-                "another hydra.run.dir") from None
+                "another hydra.run.dir") from err
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -55,17 +56,6 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
-
-
-def read_finished(run_dir: Path) -> dict | None:
-    """The finished marker's contents (step, eval metrics), or None if the run has not finished."""
-    path = Path(run_dir) / FINISHED
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a torn marker: treat the run as unfinished, it resumes from its checkpoint
 
 
 def write_finished(run_dir: Path, record: dict) -> None:

@@ -11,7 +11,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from jaxformer.config import ModelConfig
-from jaxformer.models import build_model
+from jaxformer.models import build_model, split_model
 from jaxformer.parallel import tree_shardings
 
 
@@ -24,11 +24,6 @@ class TrainState:
     skipped: jax.Array  # int32 scalar: steps whose non-finite loss/gradient was not applied
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, params, rest): rest holds non-trainable state (empty for the current models)."""
-    return nnx.split(model, nnx.Param, ...)
-
-
 def create_train_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -37,10 +32,6 @@ def create_train_state(params: nnx.State, tx: optax.GradientTransformation, seed
         rng=jax.random.key_data(jax.random.key(seed)),
         skipped=jnp.zeros((), jnp.int32),
     )
-
-
-def count_params(params: nnx.State) -> int:
-    return sum(leaf.size for leaf in jax.tree.leaves(params))
 
 
 @dataclass(frozen=True)

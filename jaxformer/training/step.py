@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Sharding
 
-from jaxformer.objectives import model_loss
+from jaxformer.objectives import Objective
 from jaxformer.parallel import constrain
 from jaxformer.training.state import TrainState
 
@@ -28,10 +28,10 @@ def dropout_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def training_loss(model: nnx.Module, batch: Batch, objective: str, key: jax.Array):
+def training_loss(model: nnx.Module, batch: Batch, objective: Objective, key: jax.Array):
     """(loss, metrics) as the train step differentiates them: dropout on, drawn from `key`."""
     rngs = nnx.Rngs(dropout=key)  # made inside the grad trace that draws from it
-    return model_loss(model, batch, objective, deterministic=False, rngs=rngs)
+    return objective.loss(model, batch, deterministic=False, rngs=rngs)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def train_compiler_options() -> dict | None:
 
 def make_train_step(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-    schedule: optax.Schedule, objective: str, *, grad_accum: int = 1,
+    schedule: optax.Schedule, objective: Objective, *, grad_accum: int = 1,
     shardings: StepShardings | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     def loss_fn(params: nnx.State, batch: Batch, key: jax.Array):
@@ -134,9 +134,9 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, rest: nnx.State, objective: str
+    graphdef: nnx.GraphDef, rest: nnx.State, objective: Objective
 ) -> Callable[[nnx.State, Batch], dict]:
     def eval_step(params: nnx.State, batch: Batch) -> dict:
-        return model_loss(nnx.merge(graphdef, params, rest), batch, objective)[1]
+        return objective.loss(nnx.merge(graphdef, params, rest), batch)[1]
 
     return jax.jit(eval_step)

@@ -1,27 +1,41 @@
-"""Checks shared by the Hydra entry points, run before Hydra starts a job.
+"""What every Hydra entry point shares: quiet library logs, schema registration, the preflight
+check run before Hydra starts a job, and "a user error -> one `error: ...` line, exit code 2".
 
 Hydra reports a bad override with a multi-line message and a stack-trace hint, and creates the
 run dir before the app runs. `preflight` composes the config once itself (sweeps reduced to their
-first value) and turns any problem into one `error: ...` line and exit code 2.
+first value) and turns any problem into one `error: ...` line and exit code 2. An app is
+
+    @hydra.main(version_base=None, config_path=CONF_PATH, config_name="NAME")
+    def main(cfg):
+        with user_errors():
+            ...
+
+    def launch():  # what `python -m jaxformer.NAME` runs
+        run_app(main, "NAME", to_config)
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import MissingConfigException
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from jaxformer.config import ConfigError
+from jaxformer.config import register_configs
+from jaxformer.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
+CONF_PATH = str(CONF_DIR)  # hydra.main's config_path: absolute, whatever module runs the app
 MULTIRUN_FLAGS = ("-m", "--multirun")
 JOB_DIR_MAX = 120  # characters of a sweep job's directory name (file systems allow 255 bytes)
 # what Hydra may instantiate from a config: its own launchers and sweepers, and jaxformer's
@@ -51,8 +65,8 @@ def check_targets(cfg: DictConfig) -> None:
         if isinstance(node, dict):
             target = node.get("_target_")
             if target is not None and not str(target).startswith(TARGET_PREFIXES):
-                raise ConfigError(f"{path}._target_={target} is not allowed: only classes under "
-                                  f"{', '.join(TARGET_PREFIXES)} may be instantiated")
+                raise UserError(f"{path}._target_={target} is not allowed: only classes under "
+                                f"{', '.join(TARGET_PREFIXES)} may be instantiated")
             for key, value in node.items():
                 walk(value, f"{path}.{key}" if path else str(key))
         elif isinstance(node, list):
@@ -73,7 +87,8 @@ def _one_line(err: Exception) -> str:
                 options.append(line.strip())
         return f"{head} (options: {', '.join(options)})"
     cause = err.__cause__
-    if cause is not None and str(cause).strip():
+    # a UserError says all in its own line; Hydra's errors keep the reason in their cause
+    if cause is not None and str(cause).strip() and not isinstance(err, UserError):
         return f"{head}: {str(cause).strip().splitlines()[0]}"
     return head
 
@@ -157,19 +172,6 @@ def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     return out
 
 
-def typed_config(cfg: DictConfig, usage: str):
-    """The dataclass a composed config stands for, built (and so validated); a missing required
-    key names the command's usage, other problems their first line."""
-    try:
-        return OmegaConf.to_object(cfg)
-    except ConfigError:
-        raise
-    except MissingMandatoryValue as err:
-        raise ConfigError(f"{err.full_key} is required: {usage}") from None
-    except Exception as err:  # OmegaConf type errors
-        raise ConfigError(str(err).splitlines()[0]) from None
-
-
 EXCLUDED_FROM_JOB_NAMES = ("experiment", "hydra.run.dir", "hydra.sweep.dir")
 
 
@@ -184,3 +186,41 @@ def name_jobs_by_swept_keys(argv: list[str]) -> list[str]:
              if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
     keys = ",".join(dict.fromkeys([*EXCLUDED_FROM_JOB_NAMES, *fixed]))
     return [*argv, f"hydra.job.config.override_dirname.exclude_keys=[{keys}]"]
+
+
+# -- the app's frame ------------------------------------------------------------------------------
+def quiet_libraries(level: int = logging.ERROR) -> None:
+    """absl / orbax / jax chatter stays out of the console (Hydra's job logging turns the root
+    logger to INFO); the train app keeps their warnings (level WARNING) for train.log."""
+    for noisy in ("absl", "orbax", "jax"):
+        logging.getLogger(noisy).setLevel(level)
+
+
+def register_schema(name: str, node: Any) -> None:
+    """Register the training schemas (groups such as sampling/ and logger/ are shared) and the
+    app's own schema `name` (its YAML's `defaults: [name, ...]` picks it)."""
+    register_configs()
+    ConfigStore.instance().store(name=name, node=node)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """A UserError becomes one `error: ...` line on stderr and exit code 2."""
+    try:
+        yield
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_app(main: Callable[[], Any], config_name: str, validate: Callable[[DictConfig], object],
+            *, free_text_keys: tuple[str, ...] = (), sweeps: bool = False) -> None:
+    """`python -m jaxformer.NAME`: quote free-text values, refuse a bad command line in one
+    line before Hydra starts, and (`sweeps`: train) name sweep jobs by their swept keys and
+    keep other processes of a multi-host job from writing Hydra's files; then run `main`."""
+    argv = quote_free_text(sys.argv[1:], free_text_keys) if free_text_keys else sys.argv[1:]
+    preflight(argv, config_name, validate)
+    if sweeps:
+        argv = name_jobs_by_swept_keys(per_process_overrides(argv))
+    sys.argv[1:] = argv
+    main()

@@ -33,7 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformer.config import check_sampling
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
+from jaxformer.errors import UserError
+from jaxformer.parallel import to_host
 
 
 class Completions(NamedTuple):
@@ -47,17 +50,6 @@ class Completions(NamedTuple):
 
 
 # -- one step's choice ----------------------------------------------------------------------------
-def check_sampling(temperature: float, top_k: int, top_p: float, vocab_size: int | None = None):
-    """One-line ValueError for controls outside their range."""
-    if not temperature >= 0.0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
-    if top_k < 0 or (vocab_size is not None and top_k > vocab_size):
-        limit = "" if vocab_size is None else f" and <= the vocabulary size {vocab_size}"
-        raise ValueError(f"top_k={top_k} must be >= 0{limit} (0 disables it)")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 disables it)")
-
-
 def _nucleus(sorted_logits: jax.Array, top_p: float) -> jax.Array:
     """Logits sorted in descending order, with the tokens outside the top-p nucleus at -inf: the
     smallest prefix whose probability reaches top_p (a token stays while the mass ranked above
@@ -261,7 +253,7 @@ def _row_keys(key: jax.Array | None, batch: int) -> jax.Array:
     key = jax.random.key(0) if key is None else key
     if key.ndim == 1:
         if key.shape[0] != batch:
-            raise ValueError(f"{key.shape[0]} keys for {batch} prompts: pass one key per prompt")
+            raise UserError(f"{key.shape[0]} keys for {batch} prompts: pass one key per prompt")
         return key
     return jax.vmap(partial(jax.random.fold_in, key))(jnp.arange(batch))
 
@@ -270,22 +262,22 @@ def _layout(model, prompts_bp, prompt_lens_b, max_new_tokens: int, max_total_len
     """Host-side checks; returns (cache width, each row's stop position)."""
     prompts_bp, prompt_lens_b = np.asarray(prompts_bp), np.asarray(prompt_lens_b)
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if prompts_bp.ndim != 2 or prompt_lens_b.shape != prompts_bp.shape[:1]:
-        raise ValueError(f"prompts must be (B, P) with B lengths, got {prompts_bp.shape} and "
+        raise UserError(f"prompts must be (B, P) with B lengths, got {prompts_bp.shape} and "
                          f"{prompt_lens_b.shape}")
     if prompt_lens_b.min() < 1 or prompt_lens_b.max() > prompts_bp.shape[1]:
-        raise ValueError(f"prompt lengths must be in [1, {prompts_bp.shape[1]}] (a prompt holds at "
+        raise UserError(f"prompt lengths must be in [1, {prompts_bp.shape[1]}] (a prompt holds at "
                          f"least <bos>), got {prompt_lens_b.min()}..{prompt_lens_b.max()}")
     width = prompts_bp.shape[1] + max_new_tokens
     stop_pos_b = prompt_lens_b + max_new_tokens
     if max_total_len is not None:
         if max_total_len <= prompts_bp.shape[1]:
-            raise ValueError(f"max_total_len={max_total_len} leaves no room after prompts of "
+            raise UserError(f"max_total_len={max_total_len} leaves no room after prompts of "
                              f"{prompts_bp.shape[1]} tokens: raise it or pass shorter prompts")
         width, stop_pos_b = min(width, max_total_len), np.minimum(stop_pos_b, max_total_len)
     if width > model.max_len:
-        raise ValueError(
+        raise UserError(
             f"prompt ({prompts_bp.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {width} "
             f"exceeds model.max_len={model.max_len}: generate fewer tokens or shorten the prompt")
     return width, jnp.asarray(stop_pos_b, jnp.int32)
@@ -308,9 +300,9 @@ def generate(
     """
     check_sampling(temperature, top_k, top_p)
     if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
+        raise UserError(f"num_samples={num_samples} must be >= 1")
     if beam_size < 0:
-        raise ValueError(f"beam_size={beam_size} must be >= 0 (0 samples instead)")
+        raise UserError(f"beam_size={beam_size} must be >= 0 (0 samples instead)")
     width, stop_pos_b = _layout(model, prompts_bp, prompt_lens_b, max_new_tokens, max_total_len)
     graphdef, state = nnx.split(model)
     inputs = (graphdef, state, jnp.asarray(prompts_bp, jnp.int32),
@@ -333,3 +325,23 @@ def bos_prompts(batch: int) -> tuple[np.ndarray, np.ndarray]:
 def generate_seq2seq(model: nnx.Module, src_bs, src_valid_bs, **kwargs) -> Completions:
     """`generate` for an encoder-decoder: target completions of each source (B, S), after <bos>."""
     return generate(model, *bos_prompts(len(src_bs)), source=(src_bs, src_valid_bs), **kwargs)
+
+
+# -- reading completions --------------------------------------------------------------------------
+def until_eos(ids: list[int]) -> list[int]:
+    """Token ids up to (not including) the first <eos>."""
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+def completion_texts(tokenizer, done: Completions) -> list[list[str]]:
+    """The text of every completion (B prompts x N): its tokens up to <eos>, decoded."""
+    tokens, lengths = to_host((done.tokens, done.lengths))
+    return [[tokenizer.decode(until_eos(row[:n].tolist())) for row, n in zip(rows, row_lengths)]
+            for rows, row_lengths in zip(tokens, lengths)]
+
+
+def ended_at_eos(done: Completions) -> np.ndarray:
+    """(B, N) whether each completion stopped at <eos> (else it ran out of new tokens)."""
+    tokens, lengths = to_host((done.tokens, done.lengths))
+    last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
+    return (lengths > 0) & (last == EOS_ID)

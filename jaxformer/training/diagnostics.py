@@ -7,7 +7,7 @@ decoder, encoder and mlp; encoder and decoder for encoder_decoder) it measures, 
 
   grad_norm       ||dL/dtheta_l||: all parameters of layer l
   act_grad_norm   ||dL/dx_l|| for the layer's output x_l (whole batch): the gradient w.r.t. a zero
-                  probe added to x_l, which works inside lax.scan (models/probes.py)
+                  probe added to x_l, which works inside lax.scan (models/instrument.py)
   act_mean/std    of x_l
   saturated_frac, zero_frac, dead_frac   of the activation function's outputs inside layer l
                   (sigmoid: outside [0.01, 0.99]; relu: zeros; dead: zero for the whole batch)
@@ -30,6 +30,8 @@ import optax
 from flax import nnx
 
 from jaxformer.models.blocks import LayerStack
+from jaxformer.models.instrument import DIAGNOSTICS, instrument, layer_records
+from jaxformer.objectives import Objective
 from jaxformer.training.state import TrainState
 from jaxformer.training.step import Batch, dropout_key, training_loss
 
@@ -64,31 +66,32 @@ def _at(state: nnx.State, path: tuple) -> nnx.State:
 
 
 def make_diagnostics(
-    graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, objective: str,
+    graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
+    objective: Objective,
 ) -> Callable[[TrainState, Batch], dict]:
     def diagnosing_model(params: nnx.State) -> tuple[nnx.Module, dict]:
         model = nnx.merge(graphdef, params, rest)  # a copy: the train step's graph is untouched
-        model.set_attributes(diagnose=True, raise_if_not_found=False)
-        return model, find_stacks(model)
+        return instrument(model, DIAGNOSTICS), find_stacks(model)
 
     def diagnostics(state: TrainState, batch: Batch) -> dict:
         key = dropout_key(state)
         paths: dict[str, tuple] = {}  # static: where each stack's parameters sit
 
-        def probe_zeros() -> dict[str, jax.Array]:  # traced for shapes only
+        def probe_zeros() -> nnx.State:  # traced for shapes only: the layers make their probes
             model, stacks = diagnosing_model(state.params)
             training_loss(model, batch, objective, key)
             paths.update({name: path for name, (path, _) in stacks.items()})
-            return {name: stack.probe for name, (_, stack) in stacks.items()}
+            return nnx.pop(model, nnx.Perturbation)
 
         probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(probe_zeros))
 
         def loss_fn(params, probes):
-            model, stacks = diagnosing_model(params)
-            for name, (_, stack) in stacks.items():
-                stack.probe = probes[name]
+            model, _ = diagnosing_model(params)
+            nnx.update(model, probes)
             loss, _ = training_loss(model, batch, objective, key)
-            return loss, {name: stack.layer_record.get_value() for name, (_, stack) in stacks.items()}
+            sown = nnx.pop(model, nnx.Intermediate)
+            return loss, {name: layer_records(_at(sown, (*path, "blocks")))
+                          for name, path in paths.items()}
 
         (loss, records), (grads, probe_grads) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True)(state.params, probes)
@@ -98,7 +101,7 @@ def make_diagnostics(
             blocks = (*path, "blocks")
             layers[name] = {
                 "grad_norm": per_layer_norms(_at(grads, blocks)),
-                "act_grad_norm": per_layer_norms(probe_grads[name]),
+                "act_grad_norm": per_layer_norms(_at(probe_grads, blocks)),
                 "update_ratio": (per_layer_norms(_at(updates, blocks))
                                  / per_layer_norms(_at(state.params, blocks))),
                 **records[name],

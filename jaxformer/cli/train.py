@@ -1,0 +1,85 @@
+"""`python -m jaxformer.train [overrides]`: the Hydra training entry point over `conf/train.yaml`.
+
+Re-running with the same `hydra.run.dir` resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from jaxformer.cli.app import CONF_PATH, quiet_libraries, run_app, user_errors
+from jaxformer.config import register_configs, to_train_config
+from jaxformer.errors import UserError
+
+register_configs()
+quiet_libraries(logging.WARNING)  # their warnings belong in train.log
+
+
+def report(result) -> None:
+    if result.already_finished:
+        print(f"{result.run_dir} already holds a finished run ({result.step} steps): nothing to do")
+    print()
+    width = max((len(prompt + completion) for prompt, completion, *_ in result.samples), default=0)
+    for prompt, completion, expected, correct in result.samples:
+        mark = "ok " if correct else "BAD"
+        print(f"  [{mark}] {prompt + completion:<{width}}  (expected {expected})")
+    metrics = result.eval_metrics
+    if not metrics:
+        print(f"\ntrained {result.step} steps ({result.objective}); no evaluation "
+              "(trainer.eval_every=0)")
+    elif "exact_match" in metrics:
+        by_digits = ", ".join(
+            f"{key.removeprefix('exact_match_')}: {value:.1%}"
+            for key, value in metrics.items() if key.startswith("exact_match_")
+        )
+        print(f"\nheld-out greedy exact match after {result.step} steps ({result.objective}): "
+              f"{metrics['exact_match']:.1%} ({by_digits}); "
+              f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
+    else:  # vector tasks: no text answers
+        print(f"\nheld-out after {result.step} steps ({result.objective}): "
+              f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
+    print(f"run dir:  {result.run_dir}")
+    print(f"metrics:  {result.metrics_path}")
+    print(f"wandb:    {result.wandb_dir or 'disabled'}"
+          + ("  (sync with: wandb sync " + result.wandb_dir + ")" if result.wandb_dir else ""))
+
+
+@hydra.main(version_base=None, config_path=CONF_PATH, config_name="train")
+def main(cfg: DictConfig) -> float:
+    # after config checks: importing jax is slow
+    from jaxformer.parallel import is_main_process
+    from jaxformer.training.loop import train
+    from jaxformer.training.preemption import Preempted
+
+    hydra_cfg = HydraConfig.get()
+    with user_errors():
+        try:
+            config = to_train_config(cfg)
+            job_name = (hydra_cfg.job.override_dirname or config.name)[:128]
+            result = train(config, hydra_cfg.runtime.output_dir, job_name=job_name)
+        except FloatingPointError as err:
+            if hydra_cfg.mode != RunMode.MULTIRUN:
+                raise UserError(str(err)) from err
+            print(f"error: {err}", file=sys.stderr)
+            return float("nan")  # a diverged job is a result of a sweep, not its end
+        except Preempted as stop:  # a checkpoint was written: a clean stop, not a crash
+            print(stop, file=sys.stderr)
+            sys.exit(stop.exit_code)
+    if is_main_process():
+        report(result)
+    return result.eval_metrics.get("exact_match", result.eval_metrics.get("accuracy", math.nan))
+
+
+def launch() -> None:
+    run_app(main, "train", to_train_config, sweeps=True)
+
+
+if __name__ == "__main__":
+    launch()

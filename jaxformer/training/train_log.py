@@ -1,0 +1,87 @@
+"""The train and diagnostics records of a run, deferred (DESIGN idiom 5): step N's metrics become
+floats only once step N+1 is dispatched, so the device never waits on the host for a log line.
+Every step is read (a skipped, non-finite step must stop the run or be counted); the train record
+is written every trainer.log_every steps, at the last step, and for every skipped step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from jaxformer.config import TrainerConfig
+from jaxformer.parallel import to_host
+from jaxformer.progress import Progress
+from jaxformer.tracking import Tracker
+from jaxformer.training.checkpoint import Checkpointer
+from jaxformer.training.diagnostics import diagnostics_metrics
+from jaxformer.training.hooks import StepInfo
+
+
+def check_finite(metrics: dict[str, float], step: int, trainer: TrainerConfig,
+                 checkpointer: Checkpointer) -> None:
+    """Stop on a skipped (non-finite) step unless trainer.nonfinite=skip allows it."""
+    if not metrics["nonfinite"]:
+        return
+    skipped = int(metrics["skipped_steps"])
+    if trainer.nonfinite == "skip" and skipped <= trainer.max_skipped_steps:
+        return
+    latest = checkpointer.latest_step()
+    last_good = "none yet" if latest is None else str(checkpointer.directory / str(latest))
+    cause = (f"{skipped} steps skipped (more than trainer.max_skipped_steps="
+             f"{trainer.max_skipped_steps})" if trainer.nonfinite == "skip" else
+             "set trainer.nonfinite=skip to skip such steps")
+    raise FloatingPointError(
+        f"non-finite training step {step} (loss {metrics['loss']}, gradient norm "
+        f"{metrics['grad_norm']}); its update was not applied. Last good checkpoint: {last_good}. "
+        f"Lower optim.lr or raise optim.warmup_steps, or {cause}")
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in to_host(metrics).items()}
+
+
+class TrainLog:
+    def __init__(self, tracker: Tracker, trainer: TrainerConfig, checkpointer: Checkpointer,
+                 progress: Progress, tokens_per_step: int, start_step: int):
+        self.tracker, self.trainer, self.checkpointer = tracker, trainer, checkpointer
+        self.progress, self.tokens_per_step = progress, tokens_per_step
+        self.pending: tuple[int, dict] | None = None  # a dispatched step's metrics, unread
+        self.pending_diagnostics: tuple[int, dict] | None = None
+        self.last_time, self.last_step = time.perf_counter(), start_step  # of the last record
+
+    def record(self, info: StepInfo) -> None:
+        """Once step N is dispatched: write step N-1, hold step N's metrics."""
+        self.flush()
+        self.pending = (info.step, info.metrics)
+
+    def record_diagnostics(self, step: int, result: dict) -> None:
+        """Diagnostics dispatched before update step+1; written once that update is dispatched."""
+        self.pending_diagnostics = (step, result)
+
+    def is_log_step(self, step: int, metrics: dict[str, float]) -> bool:
+        return bool(metrics["nonfinite"]) or step % self.trainer.log_every == 0 \
+            or step == self.trainer.steps
+
+    def flush(self) -> None:
+        """Write what is held: the diagnostics, then the held step's record when it is a log step;
+        then stop the run if that step was non-finite (check_finite). Called before anything that
+        must follow the step's record or know it was finite: evaluation, a checkpoint, the end."""
+        if self.pending_diagnostics is not None:
+            step, result = self.pending_diagnostics
+            self.tracker.log(diagnostics_metrics(result), step, "diagnostics")
+            self.pending_diagnostics = None
+        if self.pending is None:
+            return
+        step, device_metrics = self.pending
+        self.pending = None
+        metrics = _floats(device_metrics)
+        if not self.is_log_step(step, metrics):
+            return
+        now = time.perf_counter()
+        metrics["tokens_per_s"] = (self.tokens_per_step * (step - self.last_step)
+                                   / max(now - self.last_time, 1e-9))
+        self.last_time, self.last_step = now, step
+        self.tracker.log(metrics, step, "train")  # a skipped step is part of the run's record
+        self.progress.report(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        check_finite(metrics, step, self.trainer, self.checkpointer)
