@@ -8,6 +8,7 @@ values, raising `UserError` with one line that names the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import sysconfig
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,6 +16,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from jaxformer.errors import UserError
+
+# `${stdlib:}` in a config: this interpreter's standard-library folder (the default corpus)
+OmegaConf.register_new_resolver("stdlib", lambda: sysconfig.get_paths()["stdlib"], replace=True)
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "sigmoid", "silu")
 POSITIONS = ("sinusoidal", "learned", "rope")
@@ -26,7 +30,9 @@ MODEL_KINDS = ("encoder", "decoder", "encoder_decoder", "mlp")
 POOLINGS = ("cls", "mean")
 TOKEN_TASKS = ("addition", "reverse", "sort", "is_sorted")
 VECTOR_TASKS = ("teacher",)  # real-valued feature vectors: the mlp's tasks
-TASKS = TOKEN_TASKS + VECTOR_TASKS
+TEXT_TASKS = ("text",)  # token shards of a prepared corpus (python -m jaxformer.prepare)
+TASKS = TOKEN_TASKS + VECTOR_TASKS + TEXT_TASKS
+DOCUMENT_SPLITS = ("file", "blank_line")  # a text file is one document | one per blank-line block
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -145,7 +151,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """One schema for every synthetic task; each task reads the fields of its section."""
+    """One schema for every task; each task reads the fields of its section."""
 
     name: str = "addition"
     # addition: "a+b=" -> digits of a + b
@@ -166,6 +172,12 @@ class TaskConfig:
     input_dim: int = 16  # features per example
     num_classes: int = 4
     teacher_width: int = 32  # hidden units of the teacher
+    # text: rows of seq_len tokens packed from the documents of a prepared corpus
+    data_dir: Optional[str] = None  # the prepare output (manifest.json, tokenizer, shards)
+    seq_len: int = 256  # tokens a row predicts (the model reads seq_len positions)
+    document_masking: bool = True  # no attention across documents; positions restart per document
+    noise_density: float = 0.15  # span corruption (encoder-decoder): share of tokens masked
+    mean_span_length: float = 3.0  # span corruption: mean length of a masked span
 
     def __post_init__(self) -> None:
         _check_choice("task", self, "name", TASKS)
@@ -191,6 +203,50 @@ class TaskConfig:
             raise UserError(f"task.num_classes={self.num_classes} must be at least 2")
         if self.train_size is not None:
             _check_positive("task", self, "train_size")
+        _check_positive("task", self, "seq_len", "mean_span_length")
+        if not 0.0 < self.noise_density < 1.0:
+            raise UserError(f"task.noise_density={self.noise_density} must be in (0, 1)")
+        if self.name in TEXT_TASKS and not self.data_dir:
+            raise UserError("task=text needs task.data_dir: the out_dir of python -m "
+                            "jaxformer.prepare (data=python_stdlib prepares the default corpus)")
+
+
+@dataclass
+class DataConfig:
+    """A text corpus for `python -m jaxformer.prepare`: files by glob -> documents -> a train and
+    a validation split (by a seeded hash of each document) -> token shards in out_dir."""
+
+    paths: list[str] = field(default_factory=list)  # globs; ${stdlib:} is Python's stdlib folder
+    exclude: list[str] = field(default_factory=list)  # globs of files to leave out
+    out_dir: str = "data/corpus"  # manifest.json, tokenizer.json, {train,validation}.*.npy
+    documents: str = "file"  # plain text files: one document per file | per blank-line block
+    text_field: str = "text"  # .jsonl: the field holding the text; .parquet: the column
+    validation_fraction: float = 0.05  # share of documents held out, decided per document
+    split_seed: int = 0  # the hash seed deciding which documents are held out
+
+    def __post_init__(self) -> None:
+        _check_choice("data", self, "documents", DOCUMENT_SPLITS)
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise UserError(f"data.validation_fraction={self.validation_fraction} must be in (0, 1)")
+        if not str(self.out_dir).strip():
+            raise UserError("data.out_dir is empty: give the folder the shards go to")
+        if not self.text_field:
+            raise UserError("data.text_field is empty: name the jsonl field / parquet column")
+
+
+@dataclass
+class TokenizerConfig:
+    """The tokenizer `python -m jaxformer.prepare` trains (a byte-level BPE on the training
+    split) or loads (`path`: an existing tokenizer.json, e.g. GPT-2's)."""
+
+    path: Optional[str] = None  # a tokenizer.json (or a folder holding one); None: train a BPE
+    vocab_size: int = 8192  # BPE: the 256 bytes, the special tokens and merges up to this size
+    min_frequency: int = 2  # BPE: a pair merges only if it occurs at least this often
+    sentinels: int = 100  # <extra_id_0> ... for span corruption (T5)
+
+    def __post_init__(self) -> None:
+        _check_positive("tokenizer", self, "vocab_size", "min_frequency")
+        _check_at_least("tokenizer", self, "sentinels")
 
 
 @dataclass
@@ -421,6 +477,8 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # task=text: the corpus to prepare
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # task=text: its tokenizer
     seed: int = 0
     name: str = "default"  # experiment name: the wandb group and the run dir's parent
 
@@ -446,7 +504,7 @@ def register_configs() -> None:
         ("model", ModelConfig), ("task", TaskConfig), ("optim", OptimConfig),
         ("trainer", TrainerConfig), ("logger", LoggerConfig), ("mesh", MeshConfig),
         ("sampling", SamplingConfig),
-        ("finetune", FinetuneConfig),
+        ("finetune", FinetuneConfig), ("data", DataConfig), ("tokenizer", TokenizerConfig),
     ):
         cs.store(group=group, name=f"{group}_schema", node=node)
 
