@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -167,3 +168,33 @@ def write_run(run_dir: Path, kind: str) -> None:
         checkpointer.save(step, state, {}, {"model": to_dict(RUN_CONFIGS[kind])}, force=True)
     checkpointer.wait()
     checkpointer.close()
+
+
+# -- a prepared text corpus (tests/test_text.py) ---------------------------------------------------
+TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
+
+
+def write_corpus(out_dir: Path, train_docs: list[str], validation_docs: list[str]) -> Path:
+    """A corpus as `python -m jaxformer.prepare` leaves it, with a character tokenizer: per split
+    the documents' tokens each followed by <eos>, the document starts and bytes; a manifest."""
+    import numpy as np
+
+    from jaxformer.data.tokenizers import EOS_ID, char_tokenizer, save_tokenizer
+
+    tokenizer = char_tokenizer(TEXT_ALPHABET)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, out_dir / "tokenizer.json")
+    splits = {}
+    for split, docs in (("train", train_docs), ("validation", validation_docs)):
+        ids = [[*tokenizer.encode(doc).ids, EOS_ID] for doc in docs]
+        starts = np.cumsum([0, *map(len, ids)])
+        np.save(out_dir / f"{split}.tokens.npy", np.concatenate(ids).astype(np.uint16))
+        np.save(out_dir / f"{split}.docs.npy", starts.astype(np.int64))
+        np.save(out_dir / f"{split}.doc_bytes.npy",
+                np.array([len(doc.encode()) for doc in docs], np.int64))
+        splits[split] = {"documents": len(docs), "tokens": int(starts[-1]),
+                         "bytes": sum(len(doc.encode()) for doc in docs)}
+    manifest = {"format": 1, "dtype": "uint16", "eos_id": EOS_ID, "splits": splits,
+                "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size()}}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    return out_dir

@@ -42,6 +42,11 @@ def report(result) -> None:
         print(f"\nheld-out greedy exact match after {result.step} steps ({result.objective}): "
               f"{metrics['exact_match']:.1%} ({by_digits}); "
               f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
+    elif "bpb" in metrics:  # text: bits per byte compare across tokenizers
+        print(f"\nheld-out after {result.step} steps ({result.objective}): "
+              f"{metrics['bpb']:.4f} bits per byte; eval loss {metrics['loss']:.4f} "
+              f"(perplexity {metrics['perplexity']:.2f}), next-token accuracy "
+              f"{metrics['accuracy']:.1%}")
     else:  # vector tasks: no text answers
         print(f"\nheld-out after {result.step} steps ({result.objective}): "
               f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")

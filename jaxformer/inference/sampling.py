@@ -50,7 +50,7 @@ class Sampled(NamedTuple):
 def sample_run(config: SampleConfig, beams: bool = False) -> Sampled:
     """Restore the run and complete the prompt (with beam search when `beams`)."""
     run = RunDir.open(config.checkpoint).restore(config.step)
-    objective = generative_objective(run.model_cfg, config.checkpoint, "sample")
+    objective = generative_objective(run.model_cfg, config.checkpoint, "sample", run.objective)
     cfg = config.sampling
     cfg.check_vocab(run.model_cfg.vocab_size)
     max_len = run.model_cfg.max_len

@@ -95,7 +95,11 @@ class TestTimeRun:
         run_dir = RunDir.open(config.checkpoint)
         run = run_dir.restore(config.step)
         model_cfg = run.model_cfg
-        objective = generative_objective(model_cfg, config.checkpoint, "evaluate")
+        objective = generative_objective(model_cfg, config.checkpoint, "evaluate", run.objective)
+        if not objective.text_answers:
+            raise UserError(f"checkpoint={config.checkpoint} is a language model on text "
+                            f"({objective.name}): evaluate samples the held-out problems of the "
+                            "synthetic tasks; its held-out bits per byte are in its metrics.jsonl")
         config.sampling.check_vocab(model_cfg.vocab_size)
         train_cfg = run_dir.config
         task = build_task(train_cfg.task)

@@ -9,16 +9,18 @@ in `objective_for`).
 from __future__ import annotations
 
 from jaxformer.config import ModelConfig
+from jaxformer.data.text import TextTask
 from jaxformer.errors import UserError
 from jaxformer.objectives.base import EvalSet, GenerativeObjective, Objective
 from jaxformer.objectives.classification import Classification
 from jaxformer.objectives.clm import CausalLM
 from jaxformer.objectives.mlm import MaskedLM
 from jaxformer.objectives.seq2seq import Seq2Seq
+from jaxformer.objectives.text_clm import TextCausalLM
 from jaxformer.objectives.vector_classification import VectorClassification
 
 OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (
-    CausalLM(), Seq2Seq(), MaskedLM(), Classification(), VectorClassification())}
+    CausalLM(), Seq2Seq(), MaskedLM(), Classification(), VectorClassification(), TextCausalLM())}
 
 
 def get_objective(name: str) -> Objective:
@@ -33,6 +35,13 @@ def objective_for(model_cfg: ModelConfig, task) -> Objective:
     generates the label as text. An encoder classifies a classification task, and learns a
     generative task by masked LM."""
     kind = model_cfg.kind
+    if isinstance(task, TextTask):
+        if kind != "decoder":
+            raise UserError(f"task=text trains a decoder (model=decoder) for now: masked LM and "
+                            f"span corruption on text are not built yet (model.kind={kind})")
+        objective = OBJECTIVES["text_clm"]
+        objective.check(task, model_cfg)
+        return objective
     if kind == "decoder" and model_cfg.num_classes and not task.num_classes:
         raise UserError(f"model.num_classes={model_cfg.num_classes} adds a classifier to the "
                         f"decoder, but task {task.cfg.name} is not a classification task: use "
@@ -50,9 +59,13 @@ def objective_for(model_cfg: ModelConfig, task) -> Objective:
     return objective
 
 
-def generative_objective(model_cfg: ModelConfig, run: str, app: str) -> GenerativeObjective:
-    """The objective whose answers a generative family decodes (decoder: clm, encoder-decoder:
-    seq2seq); `run` and `app` name the checkpoint and the command in the error for others."""
+def generative_objective(model_cfg: ModelConfig, run: str, app: str,
+                         trained_with: str | None = None) -> GenerativeObjective:
+    """The objective whose answers a generative family decodes: the one the run trained with
+    (`trained_with`, from its checkpoint) or by family (decoder: clm, encoder-decoder: seq2seq);
+    `run` and `app` name the checkpoint and the command in the error for the others."""
+    if trained_with in OBJECTIVES and OBJECTIVES[trained_with].generative:
+        return OBJECTIVES[trained_with]
     name = {"decoder": "clm", "encoder_decoder": "seq2seq"}.get(model_cfg.kind)
     if name is None:
         raise UserError(f"checkpoint={run} holds an {model_cfg.kind} model, which cannot "

@@ -109,6 +109,11 @@ class Objective:
         """Forward `batch` (this objective's format) and score it."""
         raise NotImplementedError
 
+    def summarize(self, pooled: dict[str, float]) -> dict[str, float]:
+        """The eval record from the held-out metrics pooled over every batch (loss and accuracy
+        averaged over `count`, other metrics summed)."""
+        return {"loss": pooled["loss"], "accuracy": pooled["accuracy"]}
+
     # -- answers ----------------------------------------------------------------------------------
     def greedy_answers(self, model: nnx.Module, data: EvalSet, task: Task,
                        batch_size: int) -> list[str]:

@@ -180,7 +180,8 @@ class TrainingLoop:
         """Held-out loss and accuracy; for text answers, greedy answers and their exact match."""
         setup, loop, objective = self.setup, self.loop, self.prepared.objective
         task, batch_size = self.prepared.task, self.trainer.eval_batch_size
-        metrics = eval_loss(setup.eval_step, loop.state.params, setup.heldout, batch_size)
+        metrics = eval_loss(setup.eval_step, loop.state.params, setup.heldout, batch_size,
+                            objective)
         if objective.text_answers:  # answers as text, checked by the task
             model = nnx.merge(setup.graphdef, loop.state.params, setup.rest)
             loop.completions = objective.greedy_answers(model, setup.heldout, task, batch_size)

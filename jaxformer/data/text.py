@@ -1,0 +1,122 @@
+"""Language modelling on a prepared corpus (`python -m jaxformer.prepare`): rows packed from
+consecutive documents, with the segment ids and positions that keep each document to itself.
+
+The shards hold every document's tokens followed by `<eos>`, concatenated (data/prepare.py). Row r
+of a split is the window of `seq_len + 1` tokens starting at token r * seq_len: the model reads its
+first seq_len tokens and predicts its last seq_len, so consecutive rows share one token and every
+token but the first is predicted once per epoch. Within a row, a token's segment is the document it
+belongs to and its position counts from the start of that document or of the row, whichever is
+later (so positions never exceed seq_len, whatever a document's length). With
+task.document_masking=false every row is one segment with positions 0..seq_len (GPT-2's packing).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from jaxformer.config import TaskConfig
+from jaxformer.data.tokenizers import load_tokenizer
+from jaxformer.errors import UserError
+
+SPLITS = ("train", "validation")
+
+
+class TextSplit:
+    """One split's memory-mapped token stream, document starts and document bytes."""
+
+    def __init__(self, data_dir: Path, split: str):
+        try:
+            self.tokens = np.load(data_dir / f"{split}.tokens.npy", mmap_mode="r")
+            self.doc_starts = np.asarray(np.load(data_dir / f"{split}.docs.npy"), np.int64)
+        except (OSError, ValueError) as err:
+            raise UserError(f"task.data_dir={data_dir} has no readable {split} shards ({err}): "
+                            "run python -m jaxformer.prepare with data.out_dir there") from err
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def n_rows(self, seq_len: int) -> int:
+        """Whole windows of seq_len + 1 tokens (the last, partial one is left out)."""
+        return max((self.n_tokens - 1) // seq_len, 0)
+
+    def rows(self, rows_n: np.ndarray, seq_len: int, document_masking: bool):
+        """(tokens, segment_ids, positions), each (N, seq_len + 1) int32, of rows `rows_n`."""
+        starts_n = np.asarray(rows_n, np.int64) * seq_len
+        index_nt = starts_n[:, None] + np.arange(seq_len + 1)
+        tokens_nt = np.asarray(self.tokens[index_nt], np.int32)
+        if not document_masking:
+            zeros_nt = np.zeros(index_nt.shape, np.int32)
+            return tokens_nt, zeros_nt, np.broadcast_to(np.arange(seq_len + 1, dtype=np.int32),
+                                                        index_nt.shape).copy()
+        doc_nt = np.searchsorted(self.doc_starts, index_nt, side="right") - 1
+        begins_nt = np.maximum(self.doc_starts[doc_nt], starts_n[:, None])
+        segments_nt = (doc_nt - doc_nt[:, :1]).astype(np.int32)  # 0 for the row's first document
+        return tokens_nt, segments_nt, (index_nt - begins_nt).astype(np.int32)
+
+
+class TextTask:
+    """task=text: rows of a prepared corpus. `train_rows` (the pipeline reads rows lazily, by
+    index, in a seeded order that changes every epoch) and `eval_rows()` (the first eval_size
+    validation rows, in order)."""
+
+    num_classes = 0  # no labels: language modelling
+    input_dim = None
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        self.data_dir = Path(cfg.data_dir)
+        manifest_path = self.data_dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserError(f"task.data_dir={cfg.data_dir} holds no prepared corpus (no "
+                            "manifest.json): run python -m jaxformer.prepare data.out_dir="
+                            f"{cfg.data_dir} (data=python_stdlib: the default corpus)")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{manifest_path} is not valid JSON ({err}): run python -m "
+                            "jaxformer.prepare again") from err
+        self.tokenizer: Tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
+        self.seq_len = cfg.seq_len
+        self.splits = {split: TextSplit(self.data_dir, split) for split in SPLITS}
+        if self.splits["validation"].n_rows(self.seq_len) < 1:
+            raise UserError(
+                f"the validation split of {cfg.data_dir} has "
+                f"{self.splits['validation'].n_tokens} tokens, fewer than one row of "
+                f"task.seq_len={self.seq_len} + 1: lower task.seq_len or raise "
+                "data.validation_fraction")
+
+    @property
+    def train_rows(self) -> int:
+        return self.splits["train"].n_rows(self.seq_len)
+
+    def rows(self, split: str, rows_n: np.ndarray):
+        """(tokens, segment_ids, positions) of rows `rows_n` of `split`, (N, seq_len + 1) each."""
+        return self.splits[split].rows(rows_n, self.seq_len, self.cfg.document_masking)
+
+    def eval_rows(self) -> np.ndarray:
+        return np.arange(min(self.cfg.eval_size, self.splits["validation"].n_rows(self.seq_len)))
+
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        """(vocab,) int32: the UTF-8 bytes each token id decodes to (bits per byte)."""
+        return token_byte_lengths(self.tokenizer)
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:  # TODO(merge): data/tokenizers.py's
+    """(vocab,) int32 UTF-8 bytes per token id: byte-level BPE vocab strings hold one character
+    per byte; other vocabularies their UTF-8 length; special (added) tokens none."""
+    from tokenizers import pre_tokenizers
+
+    byte_level = isinstance(tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel)
+    added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    lengths = np.zeros(tokenizer.get_vocab_size(), np.int32)
+    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token not in added:
+            lengths[index] = len(token) if byte_level else len(token.encode("utf-8"))
+    return lengths
