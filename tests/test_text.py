@@ -159,8 +159,8 @@ def test_text_bad_inputs_are_one_line(corpus, tmp_path):
     small = write_corpus(tmp_path / "small", documents(30, 2), ["a b."])
     with pytest.raises(UserError, match="fewer than one row of task.seq_len=32"):
         text_task(small)
-    with pytest.raises(UserError, match="task=text trains a decoder"):
-        train(replace(text_config(corpus), model={"kind": "encoder"}), tmp_path / "enc")
+    with pytest.raises(UserError, match="task=text trains a decoder .* or an encoder"):
+        train(replace(text_config(corpus), model={"kind": "encoder_decoder"}), tmp_path / "ed")
 
 
 # -- text in, text out ----------------------------------------------------------------------------
@@ -178,3 +178,18 @@ def test_sample_continues_text_with_the_runs_tokenizer(corpus, tmp_path, caplog)
                                sampling=SamplingConfig(num_samples=1, max_new_tokens=1))
     assert len(sample_run(long_prompt).texts) == 1  # cut from the left to fit the context
     assert "keeping its last 31 tokens" in caplog.text
+
+
+def test_encoder_masked_lm_on_text_masks_text_tokens_within_documents(corpus, tmp_path):
+    task = text_task(corpus, mask_prob=0.3)
+    objective = OBJECTIVES["text_mlm"]
+    batch = objective.randomize(task, objective.encode(task, np.arange(20)),
+                                np.random.default_rng(0))
+    selected = batch["loss_mask"] > 0
+    assert not (selected & (batch["targets"] == EOS_ID)).any()  # never a special token
+    assert abs(selected.mean() - 0.3 * (batch["targets"] != EOS_ID).mean()) < 0.03
+    assert (batch["inputs"][~selected] == batch["targets"][~selected]).all()
+    result = train(replace(text_config(corpus, steps=6, eval_every=6, checkpoint_every=6),
+                           model={"kind": "encoder"}), tmp_path)
+    assert result.objective == "text_mlm" and {"loss", "accuracy", "perplexity"} <= set(
+        result.eval_metrics)

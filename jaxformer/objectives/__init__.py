@@ -17,10 +17,12 @@ from jaxformer.objectives.clm import CausalLM
 from jaxformer.objectives.mlm import MaskedLM
 from jaxformer.objectives.seq2seq import Seq2Seq
 from jaxformer.objectives.text_clm import TextCausalLM
+from jaxformer.objectives.text_mlm import TextMaskedLM
 from jaxformer.objectives.vector_classification import VectorClassification
 
 OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (
-    CausalLM(), Seq2Seq(), MaskedLM(), Classification(), VectorClassification(), TextCausalLM())}
+    CausalLM(), Seq2Seq(), MaskedLM(), Classification(), VectorClassification(), TextCausalLM(),
+    TextMaskedLM())}
 
 
 def get_objective(name: str) -> Objective:
@@ -36,10 +38,10 @@ def objective_for(model_cfg: ModelConfig, task) -> Objective:
     generative task by masked LM."""
     kind = model_cfg.kind
     if isinstance(task, TextTask):
-        if kind != "decoder":
-            raise UserError(f"task=text trains a decoder (model=decoder) for now: masked LM and "
-                            f"span corruption on text are not built yet (model.kind={kind})")
-        objective = OBJECTIVES["text_clm"]
+        if kind not in ("decoder", "encoder"):
+            raise UserError(f"task=text trains a decoder (next token) or an encoder (masked LM) "
+                            f"for now: span corruption for model.kind={kind} is not built yet")
+        objective = OBJECTIVES["text_clm" if kind == "decoder" else "text_mlm"]
         objective.check(task, model_cfg)
         return objective
     if kind == "decoder" and model_cfg.num_classes and not task.num_classes:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 class TextCausalLM(GenerativeObjective):
     name = "text_clm"
     text_answers = False  # held-out text is scored by loss and bits per byte, not by answers
+    reads_corpus = True
 
     def max_positions(self, task) -> int:
         return task.seq_len
