@@ -193,3 +193,14 @@ def test_encoder_masked_lm_on_text_masks_text_tokens_within_documents(corpus, tm
                            model={"kind": "encoder"}), tmp_path)
     assert result.objective == "text_mlm" and {"loss", "accuracy", "perplexity"} <= set(
         result.eval_metrics)
+
+
+def test_reference_bits_per_byte_are_computed_on_the_same_bytes(corpus):
+    task = text_task(corpus)
+    data = OBJECTIVES["text_clm"].eval_set(task)
+    targets = data.examples["tokens"][:, 1:]
+    counts = np.bincount(np.asarray(task.splits["train"].tokens), minlength=len(task.token_bytes))
+    probs = (counts + 1) / (counts.sum() + len(counts))
+    expected = -np.log2(probs[targets]).sum() / data.examples["target_bytes"].sum()
+    assert data.references["unigram_bpb"] == pytest.approx(expected)
+    assert 0 < data.references["zlib_bpb"] < 8  # repetitive text compresses

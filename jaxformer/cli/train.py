@@ -44,9 +44,10 @@ def report(result) -> None:
               f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
     elif "bpb" in metrics:  # text: bits per byte compare across tokenizers
         print(f"\nheld-out after {result.step} steps ({result.objective}): "
-              f"{metrics['bpb']:.4f} bits per byte; eval loss {metrics['loss']:.4f} "
-              f"(perplexity {metrics['perplexity']:.2f}), next-token accuracy "
-              f"{metrics['accuracy']:.1%}")
+              f"{metrics['bpb']:.4f} bits per byte (on the same bytes: unigram model of the "
+              f"training tokens {metrics['unigram_bpb']:.4f}, zlib -9 {metrics['zlib_bpb']:.4f}); "
+              f"eval loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f}), "
+              f"next-token accuracy {metrics['accuracy']:.1%}")
     else:  # vector tasks: no text answers
         print(f"\nheld-out after {result.step} steps ({result.objective}): "
               f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")

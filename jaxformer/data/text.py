@@ -13,6 +13,7 @@ task.document_masking=false every row is one segment with positions 0..seq_len (
 from __future__ import annotations
 
 import json
+import zlib
 from functools import cached_property
 from pathlib import Path
 
@@ -101,6 +102,18 @@ class TextTask:
 
     def eval_rows(self) -> np.ndarray:
         return np.arange(min(self.cfg.eval_size, self.splits["validation"].n_rows(self.seq_len)))
+
+    def reference_bpb(self, targets_nt: np.ndarray) -> dict[str, float]:
+        """Bits per byte of two baselines on held-out target tokens `targets_nt`, the bytes a
+        model's bpb is measured on: a unigram model of the training tokens (add-one smoothed: its
+        cross-entropy per token over the targets' bytes), and zlib at level 9 on their text."""
+        flat = np.asarray(targets_nt).reshape(-1)
+        counts = np.bincount(np.asarray(self.splits["train"].tokens), minlength=len(self.token_bytes))
+        log2_p = np.log2(counts + 1.0) - np.log2(counts.sum() + len(counts))
+        n_bytes = int(self.token_bytes[flat].sum())
+        text = "".join(self.tokenizer.decode(row.tolist()) for row in np.asarray(targets_nt))
+        return {"unigram_bpb": float(-log2_p[flat].sum() / n_bytes),
+                "zlib_bpb": 8.0 * len(zlib.compress(text.encode("utf-8"), 9)) / n_bytes}
 
     @cached_property
     def token_bytes(self) -> np.ndarray:

@@ -41,6 +41,8 @@ class EvalSet:
     # what decoding the answers starts from (generative objectives): prompts (N, P) right-padded
     # with <pad>, prompt_lens (N,) and, for an encoder-decoder, the source src / src_valid (N, S)
     decode_inputs: Arrays = field(default_factory=dict)
+    # held-out numbers that do not depend on the model (text: baselines' bits per byte)
+    references: dict[str, float] = field(default_factory=dict)
 
 
 class Objective:
@@ -119,10 +121,10 @@ class Objective:
         """Forward `batch` (this objective's format) and score it."""
         raise NotImplementedError
 
-    def summarize(self, pooled: dict[str, float]) -> dict[str, float]:
+    def summarize(self, pooled: dict[str, float], data: EvalSet) -> dict[str, float]:
         """The eval record from the held-out metrics pooled over every batch (loss and accuracy
-        averaged over `count`, other metrics summed)."""
-        return {"loss": pooled["loss"], "accuracy": pooled["accuracy"]}
+        averaged over `count`, other metrics summed) and the held-out set's references."""
+        return {"loss": pooled["loss"], "accuracy": pooled["accuracy"], **data.references}
 
     # -- answers ----------------------------------------------------------------------------------
     def greedy_answers(self, model: nnx.Module, data: EvalSet, task: Task,

@@ -37,9 +37,10 @@ class TextCausalLM(GenerativeObjective):
 
     def eval_set(self, task) -> EvalSet:
         tokens, segment_ids, positions = task.rows("validation", task.eval_rows())
-        return EvalSet([], {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
-                            "loss_mask": np.ones(tokens[:, 1:].shape, np.float32),
-                            "target_bytes": task.token_bytes[tokens[:, 1:]]})
+        arrays = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions,
+                  "loss_mask": np.ones(tokens[:, 1:].shape, np.float32),
+                  "target_bytes": task.token_bytes[tokens[:, 1:]]}
+        return EvalSet([], arrays, references=task.reference_bpb(tokens[:, 1:]))
 
     def loss(self, model, batch, *, deterministic=True, rngs=None):
         tokens_bt = batch["tokens"]
@@ -53,13 +54,14 @@ class TextCausalLM(GenerativeObjective):
             metrics["bytes"] = batch["target_bytes"].astype(jnp.float32).sum()
         return loss, metrics
 
-    def summarize(self, pooled: dict[str, float]) -> dict[str, float]:
-        """Held-out loss (nats per token), accuracy, perplexity and bits per byte."""
+    def summarize(self, pooled: dict[str, float], data: EvalSet) -> dict[str, float]:
+        """Held-out loss (nats per token), accuracy, perplexity, bits per byte and, on the same
+        bytes, the unigram and zlib baselines' bits per byte."""
         metrics = {"loss": pooled["loss"], "accuracy": pooled["accuracy"],
                    "perplexity": math.exp(min(pooled["loss"], 700.0))}
         if pooled.get("bytes"):
             metrics["bpb"] = pooled["loss"] * pooled["count"] / (math.log(2) * pooled["bytes"])
-        return metrics
+        return {**metrics, **data.references}
 
     def greedy_answers(self, model, data, task, batch_size) -> list[str]:
         return []

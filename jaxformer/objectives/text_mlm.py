@@ -57,8 +57,8 @@ class TextMaskedLM(Objective):
                            positions_bt=batch["positions"], deterministic=deterministic, rngs=rngs)
         return token_loss(model.mlm_logits(hidden_btd), batch["targets"], batch["loss_mask"])
 
-    def summarize(self, pooled: dict[str, float]) -> dict[str, float]:
-        return {**super().summarize(pooled),
+    def summarize(self, pooled: dict[str, float], data: EvalSet) -> dict[str, float]:
+        return {**super().summarize(pooled, data),
                 "perplexity": math.exp(min(pooled["loss"], 700.0))}
 
     def greedy_answers(self, model, data, task, batch_size) -> list[str]:

@@ -30,7 +30,7 @@ def eval_loss(eval_step: Callable, params: nnx.State, data: EvalSet, batch_size:
             totals[key] += float(value) * count if key in MEANS else float(value)
     pooled = {key: total / totals["count"] if key in MEANS else total
               for key, total in totals.items()}
-    return objective.summarize(pooled)
+    return objective.summarize(pooled, data)
 
 
 def exact_match(task, data: EvalSet, completions: list[str]) -> dict[str, float]:
