@@ -95,7 +95,8 @@ class TrainingLoop:
                                  unit="step", enabled=trainer.progress and is_main_process())
         tokens_per_step = trainer.batch_size * prepared.objective.max_positions(prepared.task)
         self.log = TrainLog(setup.tracker, trainer, setup.checkpointer, self.progress,
-                            tokens_per_step, setup.start_step)
+                            tokens_per_step, setup.start_step,
+                            getattr(prepared.task, "train_rows", None))
         self.before_update, self.after_update = Hooks(), Hooks()
         self.before_update.add(self.diagnose, every=trainer.diagnostics_every)
         self.after_update.add(self.log.record)
