@@ -174,14 +174,17 @@ def write_run(run_dir: Path, kind: str) -> None:
 TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 
 
-def write_corpus(out_dir: Path, train_docs: list[str], validation_docs: list[str]) -> Path:
-    """A corpus as `python -m jaxformer.prepare` leaves it, with a character tokenizer: per split
-    the documents' tokens each followed by <eos>, the document starts and bytes; a manifest."""
+def write_corpus(out_dir: Path, train_docs: list[str], validation_docs: list[str],
+                 sentinels: int = 0) -> Path:
+    """A corpus as `python -m jaxformer.prepare` leaves it, with a character tokenizer (and
+    `sentinels` <extra_id_i> tokens): per split the documents' tokens each followed by <eos>, the
+    document starts and bytes; a manifest."""
     import numpy as np
 
     from jaxformer.data.tokenizers import EOS_ID, char_tokenizer, save_tokenizer
 
     tokenizer = char_tokenizer(TEXT_ALPHABET)
+    tokenizer.add_special_tokens([f"<extra_id_{i}>" for i in range(sentinels)])
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, out_dir / "tokenizer.json")
     splits = {}

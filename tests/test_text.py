@@ -161,7 +161,7 @@ def test_text_bad_inputs_are_one_line(corpus, tmp_path):
     small = write_corpus(tmp_path / "small", documents(30, 2), ["a b."])
     with pytest.raises(UserError, match="fewer than one row of task.seq_len=32"):
         text_task(small)
-    with pytest.raises(UserError, match="task=text trains a decoder .* or an encoder"):
+    with pytest.raises(UserError, match="span corruption needs 2 sentinel tokens"):
         train(replace(text_config(corpus), model={"kind": "encoder_decoder"}), tmp_path / "ed")
 
 
@@ -210,3 +210,33 @@ def test_reference_bits_per_byte_are_computed_on_the_same_bytes(corpus):
 
 def result_rows(corpus) -> int:
     return text_task(corpus).train_rows
+
+
+# -- span corruption (the encoder-decoder) ----------------------------------------------------------
+def test_span_corruption_targets_reconstruct_the_input(tmp_path):
+    from jaxformer.objectives.span_corruption import span_counts
+
+    corpus = write_corpus(tmp_path / "c", documents(80, 3), documents(20, 4), sentinels=8)
+    task = text_task(corpus)
+    objective = OBJECTIVES["span_corruption"]
+    noise, spans = span_counts(32, 0.15, 3.0)
+    assert (noise, spans) == (5, 2)
+    rows = objective.encode(task, np.arange(12))
+    batch = objective.randomize(task, rows, np.random.default_rng(0))
+    assert batch["src"].shape == (12, 32 - noise + spans + 1) and batch["tgt"].shape == (
+        12, 1 + noise + spans + 1)
+    sentinels = objective.sentinel_ids(task.tokenizer, spans)
+    for tokens, src, tgt in zip(rows["tokens"], batch["src"], batch["tgt"]):
+        hidden = {}  # sentinel -> the tokens it stands for, read off the target
+        body = tgt[1:-1]
+        marks = np.flatnonzero(np.isin(body, sentinels))
+        for start, end in zip(marks, [*marks[1:], len(body)]):
+            hidden[body[start]] = body[start + 1:end].tolist()
+        assert all(len(span) >= 1 for span in hidden.values()) and len(hidden) == spans
+        rebuilt = [t for s in src[:-1] for t in (hidden[s] if s in hidden else [s])]
+        assert rebuilt == tokens.tolist() and src[-1] == tgt[-1] == EOS_ID
+    again = objective.randomize(task, rows, np.random.default_rng(1))
+    assert not np.array_equal(again["src"], batch["src"])  # spans drawn per batch
+    result = train(replace(text_config(corpus, steps=4, eval_every=4, checkpoint_every=4),
+                           model={"kind": "encoder_decoder"}), tmp_path / "run")
+    assert result.objective == "span_corruption" and result.eval_metrics["loss"] > 0

@@ -16,13 +16,16 @@ from jaxformer.objectives.classification import Classification
 from jaxformer.objectives.clm import CausalLM
 from jaxformer.objectives.mlm import MaskedLM
 from jaxformer.objectives.seq2seq import Seq2Seq
+from jaxformer.objectives.span_corruption import SpanCorruption
 from jaxformer.objectives.text_clm import TextCausalLM
 from jaxformer.objectives.text_mlm import TextMaskedLM
 from jaxformer.objectives.vector_classification import VectorClassification
 
 OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (
     CausalLM(), Seq2Seq(), MaskedLM(), Classification(), VectorClassification(), TextCausalLM(),
-    TextMaskedLM())}
+    TextMaskedLM(), SpanCorruption())}
+# what each family trains with on a prepared text corpus (task=text)
+TEXT_OBJECTIVES = {"decoder": "text_clm", "encoder": "text_mlm", "encoder_decoder": "span_corruption"}
 
 
 def get_objective(name: str) -> Objective:
@@ -38,10 +41,10 @@ def objective_for(model_cfg: ModelConfig, task) -> Objective:
     generative task by masked LM."""
     kind = model_cfg.kind
     if isinstance(task, TextTask):
-        if kind not in ("decoder", "encoder"):
-            raise UserError(f"task=text trains a decoder (next token) or an encoder (masked LM) "
-                            f"for now: span corruption for model.kind={kind} is not built yet")
-        objective = OBJECTIVES["text_clm" if kind == "decoder" else "text_mlm"]
+        if kind not in TEXT_OBJECTIVES:
+            raise UserError(f"task=text is language modelling on tokens: model.kind={kind} "
+                            f"cannot read them (use {', '.join(TEXT_OBJECTIVES)})")
+        objective = OBJECTIVES[TEXT_OBJECTIVES[kind]]
         objective.check(task, model_cfg)
         return objective
     if kind == "decoder" and model_cfg.num_classes and not task.num_classes:
