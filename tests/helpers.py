@@ -176,28 +176,24 @@ TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
 
 def write_corpus(out_dir: Path, train_docs: list[str], validation_docs: list[str],
                  sentinels: int = 0) -> Path:
-    """A corpus as `python -m jaxformer.prepare` leaves it, with a character tokenizer (and
-    `sentinels` <extra_id_i> tokens): per split the documents' tokens each followed by <eos>, the
-    document starts and bytes; a manifest."""
-    import numpy as np
-
+    """A prepared corpus (data/shards.py's format, written by its SplitWriter) with a character
+    tokenizer (and `sentinels` <extra_id_i> tokens) instead of a trained BPE: fast, and every
+    token is one character."""
+    from jaxformer.data.shards import FORMAT, MANIFEST, SplitWriter, token_dtype
     from jaxformer.data.tokenizers import EOS_ID, char_tokenizer, save_tokenizer
 
     tokenizer = char_tokenizer(TEXT_ALPHABET)
     tokenizer.add_special_tokens([f"<extra_id_{i}>" for i in range(sentinels)])
     out_dir.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tokenizer, out_dir / "tokenizer.json")
+    dtype = token_dtype(tokenizer.get_vocab_size())
     splits = {}
     for split, docs in (("train", train_docs), ("validation", validation_docs)):
-        ids = [[*tokenizer.encode(doc).ids, EOS_ID] for doc in docs]
-        starts = np.cumsum([0, *map(len, ids)])
-        np.save(out_dir / f"{split}.tokens.npy", np.concatenate(ids).astype(np.uint16))
-        np.save(out_dir / f"{split}.docs.npy", starts.astype(np.int64))
-        np.save(out_dir / f"{split}.doc_bytes.npy",
-                np.array([len(doc.encode()) for doc in docs], np.int64))
-        splits[split] = {"documents": len(docs), "tokens": int(starts[-1]),
-                         "bytes": sum(len(doc.encode()) for doc in docs)}
-    manifest = {"format": 1, "dtype": "uint16", "eos_id": EOS_ID, "splits": splits,
+        writer = SplitWriter(out_dir, split, dtype, EOS_ID)
+        for doc in docs:
+            writer.add(tokenizer.encode(doc).ids, len(doc.encode()))
+        splits[split] = writer.close()
+    manifest = {"format": FORMAT, "dtype": dtype, "eos_id": EOS_ID, "splits": splits,
                 "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size()}}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest))
+    (out_dir / MANIFEST).write_text(json.dumps(manifest))
     return out_dir

@@ -12,7 +12,6 @@ task.document_masking=false every row is one segment with positions 0..seq_len (
 
 from __future__ import annotations
 
-import json
 import zlib
 from functools import cached_property
 from pathlib import Path
@@ -21,22 +20,17 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jaxformer.config import TaskConfig
-from jaxformer.data.tokenizers import load_tokenizer
+from jaxformer.data.shards import MANIFEST, Shards, SplitShards
+from jaxformer.data.tokenizers import token_byte_lengths
 from jaxformer.errors import UserError
-
-SPLITS = ("train", "validation")
 
 
 class TextSplit:
-    """One split's memory-mapped token stream, document starts and document bytes."""
+    """One split of a prepared corpus as rows (data/shards.py: the memory-mapped arrays)."""
 
-    def __init__(self, data_dir: Path, split: str):
-        try:
-            self.tokens = np.load(data_dir / f"{split}.tokens.npy", mmap_mode="r")
-            self.doc_starts = np.asarray(np.load(data_dir / f"{split}.docs.npy"), np.int64)
-        except (OSError, ValueError) as err:
-            raise UserError(f"task.data_dir={data_dir} has no readable {split} shards ({err}): "
-                            "run python -m jaxformer.prepare with data.out_dir there") from err
+    def __init__(self, shards: SplitShards):
+        self.tokens = shards.tokens
+        self.doc_starts = np.asarray(shards.docs, np.int64)
 
     @property
     def n_tokens(self) -> int:
@@ -71,20 +65,14 @@ class TextTask:
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
-        self.data_dir = Path(cfg.data_dir)
-        manifest_path = self.data_dir / "manifest.json"
-        if not manifest_path.is_file():
+        if not (Path(cfg.data_dir) / MANIFEST).is_file():
             raise UserError(f"task.data_dir={cfg.data_dir} holds no prepared corpus (no "
-                            "manifest.json): run python -m jaxformer.prepare data.out_dir="
+                            f"{MANIFEST}): run python -m jaxformer.prepare data.out_dir="
                             f"{cfg.data_dir} (data=python_stdlib: the default corpus)")
-        try:
-            self.manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{manifest_path} is not valid JSON ({err}): run python -m "
-                            "jaxformer.prepare again") from err
-        self.tokenizer: Tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
+        self.shards = Shards.open(cfg.data_dir)
+        self.tokenizer: Tokenizer = self.shards.tokenizer
         self.seq_len = cfg.seq_len
-        self.splits = {split: TextSplit(self.data_dir, split) for split in SPLITS}
+        self.splits = {split: TextSplit(shards) for split, shards in self.shards.splits.items()}
         if self.splits["validation"].n_rows(self.seq_len) < 1:
             raise UserError(
                 f"the validation split of {cfg.data_dir} has "
@@ -120,16 +108,3 @@ class TextTask:
         """(vocab,) int32: the UTF-8 bytes each token id decodes to (bits per byte)."""
         return token_byte_lengths(self.tokenizer)
 
-
-def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:  # TODO(merge): data/tokenizers.py's
-    """(vocab,) int32 UTF-8 bytes per token id: byte-level BPE vocab strings hold one character
-    per byte; other vocabularies their UTF-8 length; special (added) tokens none."""
-    from tokenizers import pre_tokenizers
-
-    byte_level = isinstance(tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel)
-    added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
-    lengths = np.zeros(tokenizer.get_vocab_size(), np.int32)
-    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
-        if token not in added:
-            lengths[index] = len(token) if byte_level else len(token.encode("utf-8"))
-    return lengths

@@ -25,7 +25,8 @@ OBJECTIVES: dict[str, Objective] = {objective.name: objective for objective in (
     CausalLM(), Seq2Seq(), MaskedLM(), Classification(), VectorClassification(), TextCausalLM(),
     TextMaskedLM(), SpanCorruption())}
 # what each family trains with on a prepared text corpus (task=text)
-TEXT_OBJECTIVES = {"decoder": "text_clm", "encoder": "text_mlm", "encoder_decoder": "span_corruption"}
+TEXT_OBJECTIVES = {"decoder": "text_clm", "encoder": "text_mlm",
+                   "encoder_decoder": "span_corruption"}
 
 
 def get_objective(name: str) -> Objective:

@@ -40,7 +40,7 @@ def random_partition(items: int, parts: int, rng: np.random.Generator) -> np.nda
 
 
 def noise_mask(length: int, noise: int, spans: int, rng: np.random.Generator) -> np.ndarray:
-    """(length,) bool: `spans` noise spans of `noise` tokens in all, gaps between them, a gap first."""
+    """(length,) bool: `spans` noise spans of `noise` tokens in all, gaps between, a gap first."""
     noise_lengths = random_partition(noise, spans, rng)
     gap_lengths = random_partition(length - noise, spans, rng)
     pieces = np.stack([gap_lengths, noise_lengths], axis=1).reshape(-1)  # gap, span, gap, span...

@@ -17,7 +17,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.data.tokenizers import EOS_ID
+from jaxformer.data.tokenizers import eos_id
 from jaxformer.objectives.base import Arrays, EvalSet, GenerativeObjective, token_loss
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class TextCausalLM(GenerativeObjective):
     def frame_prompt(self, tokenizer, text, max_len):
         """`<eos>` (the separator before every document in training) then the text's tokens;
         a prompt longer than the context is cut from the left, with a warning."""
-        ids = [EOS_ID, *tokenizer.encode(text).ids]
+        ids = [eos_id(tokenizer, "the run's tokenizer"), *tokenizer.encode(text).ids]
         room = max_len - 1  # at least one position left to generate into
         if len(ids) > room:
             log.warning("the prompt is %d tokens with its <eos>, the context %d: keeping its last "

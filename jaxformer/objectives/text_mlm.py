@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from jaxformer.data.tokenizers import MASK, MASK_ID
+from jaxformer.errors import UserError
 from jaxformer.objectives.base import Arrays, EvalSet, Objective, token_loss
 from jaxformer.objectives.mlm import bert_corruption
 
@@ -24,6 +26,13 @@ class TextMaskedLM(Objective):
     randomizes = True
     text_answers = False
     reads_corpus = True
+
+    def check(self, task, model_cfg=None) -> None:
+        super().check(task, model_cfg)
+        if task.tokenizer.token_to_id(MASK) != MASK_ID:
+            raise UserError(f"masked LM needs {MASK} at id {MASK_ID} in the corpus' tokenizer "
+                            f"({task.cfg.data_dir}): prepare it with a trained BPE "
+                            "(tokenizer.path=null)")
 
     def max_positions(self, task) -> int:
         return task.seq_len
