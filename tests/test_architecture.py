@@ -22,6 +22,7 @@ LAYERS = [
     {"training", "inference"},
     {"cli"},
     {"train", "prepare", "sample", "evaluate", "embed", "inspect"},  # `python -m jaxformer.NAME`
+    {"jaxformer"},  # the package's __init__: jaxformer.load_run
 ]
 LAYER_OF = {room: index for index, rooms in enumerate(LAYERS) for room in rooms}
 

@@ -240,3 +240,24 @@ def test_span_corruption_targets_reconstruct_the_input(tmp_path):
     result = train(replace(text_config(corpus, steps=4, eval_every=4, checkpoint_every=4),
                            model={"kind": "encoder_decoder"}), tmp_path / "run")
     assert result.objective == "span_corruption" and result.eval_metrics["loss"] > 0
+
+
+def test_load_run_generates_and_scores_text(corpus, tmp_path):
+    import jaxformer
+
+    train(text_config(corpus, steps=3, eval_every=3, checkpoint_every=3), tmp_path)
+    run = jaxformer.load_run(tmp_path)
+    assert run.step == 3 and run.objective == "text_clm"  # (config: .hydra/ of CLI runs)
+    assert len(run.generate("the quick", max_new_tokens=5)) == 1  # greedy by default
+    text = "the lazy dog runs far. a quick fox jumps over the dog and runs away, far away."
+    scored = run.score(text)
+    assert scored["bytes"] == len(text.encode()) and scored["tokens"] == len(text)
+    ids = [EOS_ID, *run.tokenizer.encode(text).ids]
+    nats = 0.0
+    for start in range(0, len(ids) - 1, 32):  # windows of the context, overlapping by one
+        window = ids[start:start + 33]
+        logits = run.model(jnp.asarray([window[:-1]]))
+        nats -= np.take_along_axis(np.asarray(jax.nn.log_softmax(logits[0])),
+                                   np.asarray(window[1:])[:, None], axis=-1).sum()
+    assert scored["nats"] == pytest.approx(nats, rel=1e-5)
+    assert scored["bpb"] == pytest.approx(nats / (math.log(2) * len(text.encode())), rel=1e-5)

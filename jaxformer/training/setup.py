@@ -13,11 +13,14 @@ from pathlib import Path
 import grain
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
-from jaxformer.config import ModelConfig, TrainConfig, to_dict
+from jaxformer.config import TEXT_TASKS, ModelConfig, TrainConfig, to_dict
 from jaxformer.data.pipeline import train_iterator
+from jaxformer.data.prepare import PrepareConfig
+from jaxformer.data.prepare import prepare as prepare_corpus
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import save_tokenizer
 from jaxformer.data.vectors import TeacherTask
@@ -84,6 +87,8 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     if is_main_process():
         check_writable(run_dir)
     mesh = make_mesh(cfg.mesh)
+    if cfg.task.name in TEXT_TASKS:
+        ensure_corpus(cfg)
     task = build_task(cfg.task)
     objective = objective_for(cfg.model, task)
     model_cfg = objective.model_config(cfg.model, task)
@@ -93,6 +98,23 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         raise UserError(f"trainer.best_metric={cfg.trainer.best_metric} does not exist for the "
                         f"{task.cfg.name} task (no text answers): use loss or accuracy")
     return Prepared(task, objective, model_cfg, mesh)
+
+
+def ensure_corpus(cfg: TrainConfig) -> None:
+    """task=text on the data group's corpus (task.data_dir is data.out_dir, as conf/task/text.yaml
+    sets it): prepare it when it is missing or stale, as `python -m jaxformer.prepare` would (a
+    check of a second when it is up to date). Process 0 prepares; the others wait for it."""
+    if Path(cfg.task.data_dir).absolute() != Path(cfg.data.out_dir).absolute():
+        return  # a corpus prepared elsewhere: used as it is
+    if is_main_process():
+        done = prepare_corpus(PrepareConfig(cfg.data, cfg.tokenizer))
+        if done.built:
+            splits = done.manifest["splits"]
+            log.info("prepared %s in %.1f s (%s): %s", done.out_dir, done.seconds, done.reason,
+                     ", ".join(f"{name} {split['documents']} documents, {split['tokens']} tokens"
+                               for name, split in splits.items()))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxformer corpus prepared")
 
 
 def use_compilation_cache(directory: str) -> None:
