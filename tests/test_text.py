@@ -3,6 +3,7 @@ per document, bits per byte, training, resume and bad inputs."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -261,3 +262,34 @@ def test_load_run_generates_and_scores_text(corpus, tmp_path):
                                    np.asarray(window[1:])[:, None], axis=-1).sum()
     assert scored["nats"] == pytest.approx(nats, rel=1e-5)
     assert scored["bpb"] == pytest.approx(nats / (math.log(2) * len(text.encode())), rel=1e-5)
+
+
+def test_resuming_on_shards_of_another_tokenizer_is_refused(tmp_path):
+    corpus = write_corpus(tmp_path / "c", documents(120, 0), documents(20, 1))
+    # a fixed embedding table, so only the tokenizer differs, not the model's shape
+    config = replace(text_config(corpus, steps=3, eval_every=3, checkpoint_every=3),
+                     model={"vocab_size": 40})
+    train(config, tmp_path / "run")
+    (tmp_path / "run" / "finished.json").unlink()
+    write_corpus(corpus, documents(120, 0), documents(20, 1), sentinels=2)  # prepared again
+    with pytest.raises(UserError, match="were made with another tokenizer than the checkpoints"):
+        train(replace(config, trainer={"steps": 6}), tmp_path / "run")
+
+
+def test_evaluate_scores_text_files_per_document(corpus, tmp_path):
+    from helpers import run_module
+
+    train(text_config(corpus, steps=3, eval_every=3, checkpoint_every=3), tmp_path / "run")
+    (tmp_path / "docs").mkdir()
+    for i, doc in enumerate(documents(3, 7)):
+        (tmp_path / "docs" / f"{i}.txt").write_text(doc)
+    done = run_module("jaxformer.evaluate", f"checkpoint={tmp_path / 'run'}",
+                      f"text={tmp_path / 'docs'}/*.txt", f"out_dir={tmp_path / 'out'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = json.loads((tmp_path / "out" / "text_scores.json").read_text())
+    assert len(scores["documents"]) == 3 and "bits per byte" in done.stdout
+    total = sum(d["nats"] for d in scores["documents"]) / (math.log(2) * scores["bytes"])
+    assert scores["bpb"] == pytest.approx(total)
+    missing = run_module("jaxformer.evaluate", f"checkpoint={tmp_path / 'run'}",
+                         f"text={tmp_path}/nothing*.txt")
+    assert missing.returncode == 2 and "matches no file" in missing.stderr

@@ -7,6 +7,7 @@ on them; a loaded one (GPT-2's) keeps its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Optional
@@ -104,6 +105,11 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int, sent
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
     tokenizer.train_from_iterator(texts, trainer, length=length)
     return tokenizer
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """A tokenizer's identity: the hash of its serialised JSON (vocabulary, merges, settings)."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
 def vocab_size(tokenizer: Tokenizer) -> int:

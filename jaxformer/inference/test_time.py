@@ -53,6 +53,7 @@ class EvaluateConfig:
     step: Optional[int] = None  # checkpoint step; None: the latest
     out_dir: Optional[str] = None  # None: the run dir
     num_problems: Optional[int] = None  # the first N held-out problems; None: all of them
+    text: Optional[str] = None  # a text file (or glob): its bits per byte instead (decoders)
     verifier_eps: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.05])
     majority_resamples: int = 1000  # k-subsets drawn per problem to estimate majority@k
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -22,7 +22,7 @@ from jaxformer.data.pipeline import train_iterator
 from jaxformer.data.prepare import PrepareConfig
 from jaxformer.data.prepare import prepare as prepare_corpus
 from jaxformer.data.tasks import Task, build_task
-from jaxformer.data.tokenizers import save_tokenizer
+from jaxformer.data.tokenizers import save_tokenizer, tokenizer_sha256
 from jaxformer.data.vectors import TeacherTask
 from jaxformer.errors import UserError
 from jaxformer.models import count_params
@@ -98,6 +98,19 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         raise UserError(f"trainer.best_metric={cfg.trainer.best_metric} does not exist for the "
                         f"{task.cfg.name} task (no text answers): use loss or accuracy")
     return Prepared(task, objective, model_cfg, mesh)
+
+
+def check_same_tokenizer(saved: str | None, now: str | None, cfg: TrainConfig,
+                         where: Path) -> None:
+    """Refuse to resume on tokens of another tokenizer than the checkpoint's (a corpus prepared
+    again with other settings): the same ids would mean other text."""
+    if saved is None or saved == now:
+        return  # checkpoints from before tokenizers were recorded are not checked
+    source = (f"the shards in task.data_dir={cfg.task.data_dir} were made with"
+              if cfg.task.name in TEXT_TASKS else f"task {cfg.task.name} now has")
+    raise UserError(f"{source} another tokenizer than the checkpoints in {where} (sha256 "
+                    f"{saved[:12]} there, {(now or 'none')[:12]} now): train on the corpus they "
+                    "were made with, or use a new hydra.run.dir")
 
 
 def ensure_corpus(cfg: TrainConfig) -> None:
@@ -180,8 +193,11 @@ def set_up(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
                                 trainer.checkpoint_every, keep_best=trainer.keep_best,
                                 best_metric=trainer.best_metric, best_mode=trainer.best_direction)
     latest = checkpointer.latest_meta()
+    tokens_by = None if task.tokenizer is None else tokenizer_sha256(task.tokenizer)
     if latest is not None:  # refuse another model's checkpoint before building anything
         check_compatible(latest[1]["model"], to_dict(model_cfg), checkpointer.directory)
+        check_same_tokenizer(latest[1].get("tokenizer_sha256"), tokens_by, cfg,
+                             checkpointer.directory)
     if is_main_process() and task.tokenizer is not None:
         save_tokenizer(task.tokenizer, run_dir / TOKENIZER)
 
@@ -224,7 +240,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
 
     n_params = count_params(state.params)
     meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective.name,
-            **optimizer_settings}
+            "tokenizer_sha256": tokens_by, **optimizer_settings}
     config = {  # the run's wandb config
         **to_dict(cfg), "model": to_dict(model_cfg), "n_params": n_params,
         "job_name": job_name, "objective": objective.name, **run_metadata(),
