@@ -217,7 +217,7 @@ class DataConfig:
     a validation split (by a seeded hash of each document) -> token shards in out_dir."""
 
     paths: list[str] = field(default_factory=list)  # globs; ${stdlib:} is Python's stdlib folder
-    exclude: list[str] = field(default_factory=list)  # globs of files to leave out
+    exclude: list[str] = field(default_factory=list)  # globs of files to leave out (* crosses /)
     out_dir: str = "data/corpus"  # manifest.json, tokenizer.json, {train,validation}.*.npy
     documents: str = "file"  # plain text files: one document per file | per blank-line block
     text_field: str = "text"  # .jsonl: the field holding the text; .parquet: the column

@@ -52,6 +52,7 @@ class RestoredRun(NamedTuple):
     model_cfg: ModelConfig
     tokenizer: Tokenizer | None
     step: int
+    objective: str | None = None  # the objective it trained with (its checkpoint records it)
 
 
 @dataclass(frozen=True)
@@ -178,9 +179,9 @@ class RunDir:
         finally:
             manager.close()
 
-    def model_config(self, step: int | None = None) -> ModelConfig:
+    def model_config(self, step: int | None = None, meta: dict | None = None) -> ModelConfig:
         """The resolved model config (vocabulary and classes filled in) a checkpoint was made by."""
-        meta = self.checkpoint_meta(step)
+        meta = self.checkpoint_meta(step) if meta is None else meta
         try:
             return ModelConfig(**meta["model"])
         except Exception as err:  # noqa: BLE001 (a model config this version does not know)
@@ -212,7 +213,8 @@ class RunDir:
         Only the parameters are read (a partial restore of the `state` item), so this needs
         neither the optimizer config nor the memory for its state."""
         step = self.resolve_step(step)
-        model_cfg = self.model_config(step)
+        meta = self.checkpoint_meta(step)
+        model_cfg = self.model_config(step, meta)
         graphdef, abstract_params, rest = split_model(
             nnx.eval_shape(lambda: build_model(model_cfg, 0)))
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -231,7 +233,7 @@ class RunDir:
         finally:
             manager.close()
         model = nnx.merge(graphdef, restored[STATE_ITEM]["params"], rest)
-        return RestoredRun(model, model_cfg, self.tokenizer, step)
+        return RestoredRun(model, model_cfg, self.tokenizer, step, meta.get("objective"))
 
 
 def restore_run(path: Path | str, step: int | None = None, key: str = "checkpoint") -> RestoredRun:

@@ -10,6 +10,8 @@
     compile   lower + compile time of the jitted train step as depth grows, scanned vs unrolled;
               defaults: decoder, d_model 256, 4 heads, d_ff 1024, context 128, batch 8, vocab 64,
               AdamW, causal-LM loss; depths 2 and 32 for both scan_layers=true and false
+    data      rows/s of the text input pipeline (a prepared corpus, grain) next to the rows/s the
+              train step consumes at the same shape, in the same run (scripts/bench_data.py)
     sample    tokens/s of KV-cache sampling (jaxformer.models.decoding.generate, after compile, median of
               --repeats), prefill and per-step times, and in the same run Hugging Face
               `GPT2LMHeadModel.generate()` of the same shape on PyTorch CPU (--no-peer skips it);
@@ -47,7 +49,8 @@ from jaxformer.training.state import create_train_state
 from jaxformer.objectives import get_objective
 from jaxformer.training.step import make_train_step
 
-import bench_train  # noqa: E402 (scripts/ is on sys.path: this file's folder)
+import bench_data  # noqa: E402 (scripts/ is on sys.path: this file's folder)
+import bench_train  # noqa: E402
 
 # Compile times must be cold: no persistent cache may answer for XLA.
 jax.config.update("jax_enable_compilation_cache", False)
@@ -255,6 +258,8 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, Callable[[argparse.Namespace], dict]
                 add_compile_options, compile_bench),
     "sample": ("KV-cache sampling tokens/s, and transformers' GPT-2 generate() for scale",
                add_sample_options, sample_bench),
+    "data": ("text pipeline rows/s vs the train step's consumption at the same shape",
+             bench_data.add_data_options, bench_data.data_command),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -167,3 +168,32 @@ def write_run(run_dir: Path, kind: str) -> None:
         checkpointer.save(step, state, {}, {"model": to_dict(RUN_CONFIGS[kind])}, force=True)
     checkpointer.wait()
     checkpointer.close()
+
+
+# -- a prepared text corpus (tests/test_text.py) ---------------------------------------------------
+TEXT_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,\n"
+
+
+def write_corpus(out_dir: Path, train_docs: list[str], validation_docs: list[str],
+                 sentinels: int = 0) -> Path:
+    """A prepared corpus (data/shards.py's format, written by its SplitWriter) with a character
+    tokenizer (and `sentinels` <extra_id_i> tokens) instead of a trained BPE: fast, and every
+    token is one character."""
+    from jaxformer.data.shards import FORMAT, MANIFEST, SplitWriter, token_dtype
+    from jaxformer.data.tokenizers import EOS_ID, char_tokenizer, save_tokenizer
+
+    tokenizer = char_tokenizer(TEXT_ALPHABET)
+    tokenizer.add_special_tokens([f"<extra_id_{i}>" for i in range(sentinels)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tokenizer, out_dir / "tokenizer.json")
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    splits = {}
+    for split, docs in (("train", train_docs), ("validation", validation_docs)):
+        writer = SplitWriter(out_dir, split, dtype, EOS_ID)
+        for doc in docs:
+            writer.add(tokenizer.encode(doc).ids, len(doc.encode()))
+        splits[split] = writer.close()
+    manifest = {"format": FORMAT, "dtype": dtype, "eos_id": EOS_ID, "splits": splits,
+                "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size()}}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest))
+    return out_dir

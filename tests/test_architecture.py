@@ -21,7 +21,8 @@ LAYERS = [
     {"runs"},
     {"training", "inference"},
     {"cli"},
-    {"train", "sample", "evaluate", "embed", "inspect"},  # `python -m jaxformer.NAME`
+    {"train", "prepare", "sample", "evaluate", "embed", "inspect"},  # `python -m jaxformer.NAME`
+    {"jaxformer"},  # the package's __init__: jaxformer.load_run
 ]
 LAYER_OF = {room: index for index, rooms in enumerate(LAYERS) for room in rooms}
 

@@ -40,8 +40,8 @@ WIDTHS = {  # the documented width of each array of each objective
 
 def objectives_of(task) -> list[str]:
     """The token objectives `task` can serve (vector_classification is for vector tasks)."""
-    return [o for o in OBJECTIVES
-            if o != "vector_classification" and (o != "classification" or task.num_classes)]
+    return [o for o in OBJECTIVES if o != "vector_classification" and not OBJECTIVES[o].reads_corpus
+            and (o != "classification" or task.num_classes)]
 
 
 def decode(task, ids) -> str:

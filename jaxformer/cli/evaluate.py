@@ -1,6 +1,7 @@
 """`python -m jaxformer.evaluate checkpoint=RUN_DIR [sampling.num_samples=16 sampling.temperature=0.8]`:
 test-time compute on a trained run's held-out problems; jaxformer/inference/test_time.py says what
-it writes where.
+it writes where. With `text=FILE_OR_GLOB`: the bits per byte of that text under a decoder run,
+overall and per file (jaxformer/inference/scoring.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from omegaconf import DictConfig
 
 from jaxformer.cli.app import CONF_PATH, quiet_libraries, register_schema, run_app, user_errors
 from jaxformer.config import to_config
+from jaxformer.inference.scoring import score_files
 from jaxformer.inference.test_time import EvaluateConfig, Evaluation, evaluate_run
 
 quiet_libraries()
@@ -36,10 +38,23 @@ def report(evaluation: Evaluation) -> None:
     print(f"summary: {evaluation.directory / 'summary.json'}")
 
 
+def report_text(scores: dict, out_dir) -> None:
+    print(f"{len(scores['documents'])} documents, {scores['tokens']} tokens, {scores['bytes']} "
+          f"bytes, step {scores['step']}: {scores['bpb']:.4f} bits per byte")
+    for doc in scores["documents"]:
+        print(f"  {doc['bpb']:8.4f}  {doc['bytes']:9d} bytes  {doc['path']}")
+    print(f"scores: {out_dir / 'text_scores.json'}")
+
+
 @hydra.main(version_base=None, config_path=CONF_PATH, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        report(evaluate_run(to_evaluate_config(cfg)))
+        config = to_evaluate_config(cfg)
+        if config.text is not None:
+            report_text(score_files(config.checkpoint, config.text, config.step,
+                                    config.output_dir), config.output_dir)
+        else:
+            report(evaluate_run(config))
 
 
 def launch() -> None:

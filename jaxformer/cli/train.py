@@ -42,6 +42,12 @@ def report(result) -> None:
         print(f"\nheld-out greedy exact match after {result.step} steps ({result.objective}): "
               f"{metrics['exact_match']:.1%} ({by_digits}); "
               f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")
+    elif "bpb" in metrics:  # text: bits per byte compare across tokenizers
+        print(f"\nheld-out after {result.step} steps ({result.objective}): "
+              f"{metrics['bpb']:.4f} bits per byte (on the same bytes: unigram model of the "
+              f"training tokens {metrics['unigram_bpb']:.4f}, zlib -9 {metrics['zlib_bpb']:.4f}); "
+              f"eval loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f}), "
+              f"next-token accuracy {metrics['accuracy']:.1%}")
     else:  # vector tasks: no text answers
         print(f"\nheld-out after {result.step} steps ({result.objective}): "
               f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.1%}")

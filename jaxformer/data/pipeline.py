@@ -37,12 +37,20 @@ class Encoding(Protocol):
 def train_dataset(task: Any, encoding: Encoding, batch_size: int, seed: int) -> grain.MapDataset:
     """An endless, seeded MapDataset of batches (random access: batch i is always the same).
 
-    With task.train_size set, epochs over that many unique problems, reshuffled every epoch;
-    otherwise every batch draws fresh non-held-out problems from a generator seeded by (seed, i).
+    A prepared corpus (data/text.py) epochs over its rows, read by index from the memory-mapped
+    shards; with task.train_size set, epochs over that many unique problems; both reshuffled
+    every epoch. Otherwise every batch draws fresh non-held-out problems, seeded by (seed, i).
     `encoding.randomize` draws per batch index from (seed, i, RANDOMIZE_STREAM): masks differ
     between epochs.
     """
-    if task.cfg.train_size is not None:
+    corpus_rows = getattr(task, "train_rows", None)  # a prepared corpus: rows read by index
+    if corpus_rows is not None:
+        dataset = (
+            grain.MapDataset.range(corpus_rows).shuffle(seed=seed).repeat()
+            .batch(batch_size, drop_remainder=True, batch_fn=np.asarray)
+            .map(lambda rows: encoding.encode(task, rows))
+        )
+    elif task.cfg.train_size is not None:
         arrays = encoding.encode(task, task.train_problems(task.cfg.train_size, seed))
         dataset = (
             grain.MapDataset.range(task.cfg.train_size).shuffle(seed=seed).repeat()

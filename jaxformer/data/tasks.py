@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from jaxformer.config import TaskConfig
 from jaxformer.data.tokenizers import char_tokenizer
+from jaxformer.data.text import TextTask
 from jaxformer.data.vectors import VECTOR_TASKS, TeacherTask
 from jaxformer.errors import UserError
 
@@ -433,6 +434,7 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def build_task(cfg: TaskConfig) -> Task | TeacherTask:
-    """A token task (this module) or a feature-vector task (data/vectors.py)."""
-    return {**TASKS, **VECTOR_TASKS}[cfg.name](cfg)
+def build_task(cfg: TaskConfig) -> Task | TeacherTask | TextTask:
+    """A synthetic token task (this module), a feature-vector task (data/vectors.py) or a
+    prepared text corpus (data/text.py)."""
+    return {**TASKS, **VECTOR_TASKS, "text": TextTask}[cfg.name](cfg)

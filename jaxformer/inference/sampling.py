@@ -18,6 +18,7 @@ import numpy as np
 from omegaconf import MISSING
 
 from jaxformer.config import SamplingConfig, check_step
+from jaxformer.data.tokenizers import eos_id
 from jaxformer.errors import UserError
 from jaxformer.models.decoding import completion_texts, ended_at_eos, generate
 from jaxformer.objectives import generative_objective
@@ -50,7 +51,7 @@ class Sampled(NamedTuple):
 def sample_run(config: SampleConfig, beams: bool = False) -> Sampled:
     """Restore the run and complete the prompt (with beam search when `beams`)."""
     run = RunDir.open(config.checkpoint).restore(config.step)
-    objective = generative_objective(run.model_cfg, config.checkpoint, "sample")
+    objective = generative_objective(run.model_cfg, config.checkpoint, "sample", run.objective)
     cfg = config.sampling
     cfg.check_vocab(run.model_cfg.vocab_size)
     max_len = run.model_cfg.max_len
@@ -64,8 +65,9 @@ def sample_run(config: SampleConfig, beams: bool = False) -> Sampled:
     decoding = dict(beam_size=cfg.beam_size, length_penalty=cfg.length_penalty) if beams else dict(
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, num_samples=cfg.num_samples,
         key=jax.random.key(cfg.seed))
+    eos = eos_id(run.tokenizer, f"the tokenizer of {config.checkpoint}")  # <eos> (2) or GPT-2's
     done = generate(run.model, np.asarray([prompt_ids]), np.asarray([len(prompt_ids)]),
-                    source=source, max_new_tokens=max_new_tokens, **decoding)
-    return Sampled(run.model_cfg.kind, run.step, completion_texts(run.tokenizer, done)[0],
+                    source=source, max_new_tokens=max_new_tokens, stop_tokens=(eos,), **decoding)
+    return Sampled(run.model_cfg.kind, run.step, completion_texts(run.tokenizer, done, eos)[0],
                    np.asarray(done.logprobs[0]).tolist(), np.asarray(done.lengths[0]).tolist(),
-                   ended_at_eos(done)[0].tolist())
+                   ended_at_eos(done, eos)[0].tolist())

@@ -53,6 +53,7 @@ class EvaluateConfig:
     step: Optional[int] = None  # checkpoint step; None: the latest
     out_dir: Optional[str] = None  # None: the run dir
     num_problems: Optional[int] = None  # the first N held-out problems; None: all of them
+    text: Optional[str] = None  # a text file (or glob): its bits per byte instead (decoders)
     verifier_eps: list[float] = field(default_factory=lambda: [0.0, 0.01, 0.05])
     majority_resamples: int = 1000  # k-subsets drawn per problem to estimate majority@k
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -95,7 +96,11 @@ class TestTimeRun:
         run_dir = RunDir.open(config.checkpoint)
         run = run_dir.restore(config.step)
         model_cfg = run.model_cfg
-        objective = generative_objective(model_cfg, config.checkpoint, "evaluate")
+        objective = generative_objective(model_cfg, config.checkpoint, "evaluate", run.objective)
+        if not objective.text_answers:
+            raise UserError(f"checkpoint={config.checkpoint} is a language model on text "
+                            f"({objective.name}): evaluate samples the held-out problems of the "
+                            "synthetic tasks; its held-out bits per byte are in its metrics.jsonl")
         config.sampling.check_vocab(model_cfg.vocab_size)
         train_cfg = run_dir.config
         task = build_task(train_cfg.task)

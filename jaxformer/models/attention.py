@@ -33,6 +33,11 @@ def padding_mask(valid_bs: jax.Array) -> jax.Array:
     return valid_bs.astype(bool)[:, None, None, :]
 
 
+def segment_mask(segment_ids_bt: jax.Array) -> jax.Array:
+    """(B, 1, T, T): a query sees keys of its own segment only (documents packed in one row)."""
+    return (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])[:, None]
+
+
 def cache_mask(positions_bt: jax.Array, width: int) -> jax.Array:
     """(B, 1, T, W): a query at absolute position p sees cache slots 0..p (slot = position)."""
     return (jnp.arange(width) <= positions_bt[:, :, None])[:, None]

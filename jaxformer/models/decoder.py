@@ -14,7 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.attention import cache_mask, causal_mask, combine_masks, padding_mask
+from jaxformer.models.attention import (
+    cache_mask, causal_mask, combine_masks, padding_mask, segment_mask,
+)
 from jaxformer.models.blocks import DecodeCache, LayerStack
 from jaxformer.models.heads import ClassificationHead, Classifies
 from jaxformer.models.layers import Embed, Embeddings, make_norm, positions_like
@@ -38,14 +40,18 @@ class Decoder(Classifies, nnx.Module):
 
     def hidden(
         self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, *,
+        segment_ids_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
         deterministic: bool = True, rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Final hidden states (B, T, d_model); `valid_bt` masks padding keys."""
+        """Final hidden states (B, T, d_model); `valid_bt` masks padding keys. Packed documents:
+        `segment_ids_bt` keeps attention inside each document, `positions_bt` (default 0..T-1)
+        restart at each."""
         dropout_kw = {"deterministic": deterministic, "rngs": rngs}
-        positions_bt = positions_like(tokens_bt)
+        positions_bt = positions_like(tokens_bt) if positions_bt is None else positions_bt
         x_btd = self.embeddings(self.embed(tokens_bt), positions_bt, **dropout_kw)
         mask = combine_masks(
-            causal_mask(tokens_bt.shape[1]), None if valid_bt is None else padding_mask(valid_bt)
+            causal_mask(tokens_bt.shape[1]), None if valid_bt is None else padding_mask(valid_bt),
+            None if segment_ids_bt is None else segment_mask(segment_ids_bt),
         )
         x_btd = self.stack(x_btd, mask, positions_bt, **dropout_kw)
         return x_btd if self.final_norm is None else self.final_norm(x_btd)
@@ -56,10 +62,13 @@ class Decoder(Classifies, nnx.Module):
 
     def __call__(
         self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, *,
+        segment_ids_bt: jax.Array | None = None, positions_bt: jax.Array | None = None,
         deterministic: bool = True, rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """Next-token logits (B, T, vocab), float32."""
-        return self.logits(self.hidden(tokens_bt, valid_bt, deterministic=deterministic, rngs=rngs))
+        return self.logits(self.hidden(tokens_bt, valid_bt, segment_ids_bt=segment_ids_bt,
+                                       positions_bt=positions_bt, deterministic=deterministic,
+                                       rngs=rngs))
 
     def init_cache(self, batch: int, width: int) -> DecodeCache:
         """An empty KV cache of `width` positions for `batch` rows."""

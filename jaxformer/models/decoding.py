@@ -328,20 +328,20 @@ def generate_seq2seq(model: nnx.Module, src_bs, src_valid_bs, **kwargs) -> Compl
 
 
 # -- reading completions --------------------------------------------------------------------------
-def until_eos(ids: list[int]) -> list[int]:
-    """Token ids up to (not including) the first <eos>."""
-    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+def until_eos(ids: list[int], eos: int = EOS_ID) -> list[int]:
+    """Token ids up to (not including) the first `eos`."""
+    return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def completion_texts(tokenizer, done: Completions) -> list[list[str]]:
-    """The text of every completion (B prompts x N): its tokens up to <eos>, decoded."""
+def completion_texts(tokenizer, done: Completions, eos: int = EOS_ID) -> list[list[str]]:
+    """The text of every completion (B prompts x N): its tokens up to `eos`, decoded."""
     tokens, lengths = to_host((done.tokens, done.lengths))
-    return [[tokenizer.decode(until_eos(row[:n].tolist())) for row, n in zip(rows, row_lengths)]
-            for rows, row_lengths in zip(tokens, lengths)]
+    return [[tokenizer.decode(until_eos(row[:n].tolist(), eos))
+             for row, n in zip(rows, row_lengths)] for rows, row_lengths in zip(tokens, lengths)]
 
 
-def ended_at_eos(done: Completions) -> np.ndarray:
-    """(B, N) whether each completion stopped at <eos> (else it ran out of new tokens)."""
+def ended_at_eos(done: Completions, eos: int = EOS_ID) -> np.ndarray:
+    """(B, N) whether each completion stopped at `eos` (else it ran out of new tokens)."""
     tokens, lengths = to_host((done.tokens, done.lengths))
     last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], axis=-1)[..., 0]
-    return (lengths > 0) & (last == EOS_ID)
+    return (lengths > 0) & (last == eos)

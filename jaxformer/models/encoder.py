@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
-from jaxformer.models.attention import padding_mask
+from jaxformer.models.attention import combine_masks, padding_mask, segment_mask
 from jaxformer.models.blocks import LayerStack
 from jaxformer.models.decoder import require_vocab
 from jaxformer.models.heads import ClassificationHead, Classifies
@@ -44,14 +44,18 @@ class Encoder(Classifies, nnx.Module):
 
     def __call__(
         self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None,
-        token_types_bt: jax.Array | None = None, *, deterministic: bool = True,
+        token_types_bt: jax.Array | None = None, *, segment_ids_bt: jax.Array | None = None,
+        positions_bt: jax.Array | None = None, deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
-        """Final hidden states (B, T, d_model); `valid_bt` (1 = token, 0 = padding) masks keys."""
+        """Final hidden states (B, T, d_model); `valid_bt` (1 = token, 0 = padding) masks keys.
+        Packed documents: `segment_ids_bt` keeps attention inside each document, `positions_bt`
+        (default 0..T-1) restart at each."""
         dropout_kw = {"deterministic": deterministic, "rngs": rngs}
-        positions_bt = positions_like(tokens_bt)
+        positions_bt = positions_like(tokens_bt) if positions_bt is None else positions_bt
         x_btd = self.embeddings(self.embed(tokens_bt), positions_bt, token_types_bt, **dropout_kw)
-        mask = None if valid_bt is None else padding_mask(valid_bt)
+        mask = combine_masks(None if valid_bt is None else padding_mask(valid_bt),
+                             None if segment_ids_bt is None else segment_mask(segment_ids_bt))
         x_btd = self.stack(x_btd, mask, positions_bt, **dropout_kw)
         return x_btd if self.final_norm is None else self.final_norm(x_btd)
 

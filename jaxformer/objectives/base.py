@@ -21,6 +21,7 @@ from flax import nnx
 from jaxformer.config import ModelConfig
 from jaxformer.data.pipeline import RANDOMIZE_STREAM, padded_batches
 from jaxformer.data.tasks import Problem, Task
+from jaxformer.data.text import TextTask
 from jaxformer.data.tokenizers import PAD_ID
 from jaxformer.errors import UserError
 from jaxformer.models import resolve_model_config
@@ -40,6 +41,8 @@ class EvalSet:
     # what decoding the answers starts from (generative objectives): prompts (N, P) right-padded
     # with <pad>, prompt_lens (N,) and, for an encoder-decoder, the source src / src_valid (N, S)
     decode_inputs: Arrays = field(default_factory=dict)
+    # held-out numbers that do not depend on the model (text: baselines' bits per byte)
+    references: dict[str, float] = field(default_factory=dict)
 
 
 class Objective:
@@ -51,6 +54,7 @@ class Objective:
     classifies = False  # the model predicts the task's classes (model.num_classes from the task)
     generative = False  # answers are decoded token by token (the sample and evaluate apps)
     text_answers = True  # answers are text a task checks (exact match); vectors have none
+    reads_corpus = False  # trains on a prepared text corpus (task=text), not on problems
 
     def __repr__(self) -> str:
         return f"<objective {self.name}>"
@@ -61,6 +65,10 @@ class Objective:
         if task.tokenizer is None:
             raise UserError(f"the {self.name} objective reads tokens, but task {task.cfg.name!r} "
                             "gives feature vectors: use model=mlp")
+        if self.reads_corpus != isinstance(task, TextTask):
+            wants = "a prepared text corpus (task=text)" if self.reads_corpus else "problems"
+            raise UserError(f"the {self.name} objective reads {wants}, not task "
+                            f"{task.cfg.name!r}")
         if model_cfg is None:
             return
         needed = self.max_positions(task)
@@ -99,15 +107,24 @@ class Objective:
         """`encode` and, for a randomising objective, its held-out randomness."""
         arrays = self.encode(task, problems)
         if self.randomizes:
-            rng = np.random.default_rng([task.cfg.split_seed, 2, RANDOMIZE_STREAM])
-            arrays = self.randomize(task, arrays, rng)
+            arrays = self.randomize(task, arrays, self.eval_rng(task))
         return arrays
+
+    @staticmethod
+    def eval_rng(task: Any) -> np.random.Generator:
+        """The held-out batches' randomness (masks): fixed by task.split_seed."""
+        return np.random.default_rng([task.cfg.split_seed, 2, RANDOMIZE_STREAM])
 
     # -- loss -------------------------------------------------------------------------------------
     def loss(self, model: nnx.Module, batch: Batch, *, deterministic: bool = True,
              rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Metrics]:
         """Forward `batch` (this objective's format) and score it."""
         raise NotImplementedError
+
+    def summarize(self, pooled: dict[str, float], data: EvalSet) -> dict[str, float]:
+        """The eval record from the held-out metrics pooled over every batch (loss and accuracy
+        averaged over `count`, other metrics summed) and the held-out set's references."""
+        return {"loss": pooled["loss"], "accuracy": pooled["accuracy"], **data.references}
 
     # -- answers ----------------------------------------------------------------------------------
     def greedy_answers(self, model: nnx.Module, data: EvalSet, task: Task,

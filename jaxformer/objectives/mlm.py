@@ -11,6 +11,7 @@ whole answer span, masked at once (the model is told the answer's length).
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,18 +42,11 @@ class MaskedLM(Objective):
 
     def randomize(self, task, arrays, rng) -> Arrays:
         targets = arrays["targets"]
-        candidates = targets >= NUM_SPECIAL
-        selected = candidates & (rng.random(targets.shape) < task.cfg.mask_prob)
-        fallback = np.argmax(np.where(candidates, rng.random(targets.shape), -1.0), axis=1)
-        empty_rows = np.flatnonzero(~selected.any(axis=1))
-        selected[empty_rows, fallback[empty_rows]] = True  # a uniform pick
-        action = rng.random(targets.shape)
-        random_ids = rng.integers(NUM_SPECIAL, NUM_SPECIAL + len(task.alphabet), size=targets.shape)
-        inputs = np.where(selected & (action < MASK_TOKEN_SHARE), MASK_ID, targets)
-        inputs = np.where(selected & (action >= MASK_TOKEN_SHARE)
-                          & (action < MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE), random_ids, inputs)
-        return {"inputs": inputs.astype(np.int32), "targets": targets,
-                "loss_mask": selected.astype(np.float32), "valid": arrays["valid"]}
+        inputs, selected = bert_corruption(
+            targets, targets >= NUM_SPECIAL, task.cfg.mask_prob, rng,
+            lambda shape: rng.integers(NUM_SPECIAL, NUM_SPECIAL + len(task.alphabet), size=shape))
+        return {"inputs": inputs, "targets": targets, "loss_mask": selected.astype(np.float32),
+                "valid": arrays["valid"]}
 
     def loss(self, model, batch, *, deterministic=True, rngs=None):
         hidden_btd = model(batch["inputs"], batch["valid"], deterministic=deterministic, rngs=rngs)
@@ -72,6 +66,23 @@ class MaskedLM(Objective):
             texts += [task.tokenizer.decode(row[mask].tolist())
                       for row, mask in zip(ids[:size], batch["in_answer"][:size])]
         return texts
+
+
+def bert_corruption(targets: np.ndarray, candidates: np.ndarray, mask_prob: float,
+                    rng: np.random.Generator, random_ids: Callable[[tuple], np.ndarray]):
+    """(inputs int32, selected bool) of BERT's corruption: each candidate token is selected with
+    probability mask_prob (at least one per row), and replaced by <mask> (80%), a token from
+    `random_ids(shape)` (10%) or kept (10%)."""
+    selected = candidates & (rng.random(targets.shape) < mask_prob)
+    fallback = np.argmax(np.where(candidates, rng.random(targets.shape), -1.0), axis=1)
+    empty_rows = np.flatnonzero(~selected.any(axis=1))
+    selected[empty_rows, fallback[empty_rows]] = True  # a uniform pick
+    action = rng.random(targets.shape)
+    replacements = random_ids(targets.shape)
+    inputs = np.where(selected & (action < MASK_TOKEN_SHARE), MASK_ID, targets)
+    inputs = np.where(selected & (action >= MASK_TOKEN_SHARE)
+                      & (action < MASK_TOKEN_SHARE + RANDOM_TOKEN_SHARE), replacements, inputs)
+    return inputs.astype(np.int32), selected
 
 
 def answer_spans(task, problems) -> tuple[np.ndarray, np.ndarray]:

@@ -11,20 +11,26 @@ import numpy as np
 from flax import nnx
 
 from jaxformer.data.pipeline import padded_batches
-from jaxformer.objectives import EvalSet
+from jaxformer.objectives import EvalSet, Objective
 from jaxformer.parallel import to_host
 
 
-def eval_loss(eval_step: Callable, params: nnx.State, data: EvalSet, batch_size: int) -> dict:
-    """Teacher-forced loss and accuracy, pooled exactly over tokens (or examples)."""
+MEANS = ("loss", "accuracy")  # per-batch means over `count`; every other metric is a sum
+
+
+def eval_loss(eval_step: Callable, params: nnx.State, data: EvalSet, batch_size: int,
+              objective: Objective) -> dict:
+    """Teacher-forced metrics pooled exactly over tokens (or examples), as the objective
+    summarises them (loss and accuracy; bits per byte on text)."""
     totals = defaultdict(float)
     for batch, _ in padded_batches(data.examples, batch_size):
         metrics = to_host(eval_step(params, batch))
         count = float(metrics["count"])  # padding rows carry no loss weight (or label count)
-        totals["loss"] += float(metrics["loss"]) * count
-        totals["accuracy"] += float(metrics["accuracy"]) * count
-        totals["count"] += count
-    return {"loss": totals["loss"] / totals["count"], "accuracy": totals["accuracy"] / totals["count"]}
+        for key, value in metrics.items():
+            totals[key] += float(value) * count if key in MEANS else float(value)
+    pooled = {key: total / totals["count"] if key in MEANS else total
+              for key, total in totals.items()}
+    return objective.summarize(pooled, data)
 
 
 def exact_match(task, data: EvalSet, completions: list[str]) -> dict[str, float]:

@@ -95,7 +95,8 @@ class TrainingLoop:
                                  unit="step", enabled=trainer.progress and is_main_process())
         tokens_per_step = trainer.batch_size * prepared.objective.max_positions(prepared.task)
         self.log = TrainLog(setup.tracker, trainer, setup.checkpointer, self.progress,
-                            tokens_per_step, setup.start_step)
+                            tokens_per_step, setup.start_step,
+                            getattr(prepared.task, "train_rows", None))
         self.before_update, self.after_update = Hooks(), Hooks()
         self.before_update.add(self.diagnose, every=trainer.diagnostics_every)
         self.after_update.add(self.log.record)
@@ -180,7 +181,8 @@ class TrainingLoop:
         """Held-out loss and accuracy; for text answers, greedy answers and their exact match."""
         setup, loop, objective = self.setup, self.loop, self.prepared.objective
         task, batch_size = self.prepared.task, self.trainer.eval_batch_size
-        metrics = eval_loss(setup.eval_step, loop.state.params, setup.heldout, batch_size)
+        metrics = eval_loss(setup.eval_step, loop.state.params, setup.heldout, batch_size,
+                            objective)
         if objective.text_answers:  # answers as text, checked by the task
             model = nnx.merge(setup.graphdef, loop.state.params, setup.rest)
             loop.completions = objective.greedy_answers(model, setup.heldout, task, batch_size)

@@ -13,13 +13,16 @@ from pathlib import Path
 import grain
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
-from jaxformer.config import ModelConfig, TrainConfig, to_dict
+from jaxformer.config import TEXT_TASKS, ModelConfig, TrainConfig, to_dict
 from jaxformer.data.pipeline import train_iterator
+from jaxformer.data.prepare import PrepareConfig
+from jaxformer.data.prepare import prepare as prepare_corpus
 from jaxformer.data.tasks import Task, build_task
-from jaxformer.data.tokenizers import save_tokenizer
+from jaxformer.data.tokenizers import save_tokenizer, tokenizer_sha256
 from jaxformer.data.vectors import TeacherTask
 from jaxformer.errors import UserError
 from jaxformer.models import count_params
@@ -84,6 +87,8 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
     if is_main_process():
         check_writable(run_dir)
     mesh = make_mesh(cfg.mesh)
+    if cfg.task.name in TEXT_TASKS:
+        ensure_corpus(cfg)
     task = build_task(cfg.task)
     objective = objective_for(cfg.model, task)
     model_cfg = objective.model_config(cfg.model, task)
@@ -93,6 +98,36 @@ def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
         raise UserError(f"trainer.best_metric={cfg.trainer.best_metric} does not exist for the "
                         f"{task.cfg.name} task (no text answers): use loss or accuracy")
     return Prepared(task, objective, model_cfg, mesh)
+
+
+def check_same_tokenizer(saved: str | None, now: str | None, cfg: TrainConfig,
+                         where: Path) -> None:
+    """Refuse to resume on tokens of another tokenizer than the checkpoint's (a corpus prepared
+    again with other settings): the same ids would mean other text."""
+    if saved is None or saved == now:
+        return  # checkpoints from before tokenizers were recorded are not checked
+    source = (f"the shards in task.data_dir={cfg.task.data_dir} were made with"
+              if cfg.task.name in TEXT_TASKS else f"task {cfg.task.name} now has")
+    raise UserError(f"{source} another tokenizer than the checkpoints in {where} (sha256 "
+                    f"{saved[:12]} there, {(now or 'none')[:12]} now): train on the corpus they "
+                    "were made with, or use a new hydra.run.dir")
+
+
+def ensure_corpus(cfg: TrainConfig) -> None:
+    """task=text on the data group's corpus (task.data_dir is data.out_dir, as conf/task/text.yaml
+    sets it): prepare it when it is missing or stale, as `python -m jaxformer.prepare` would (a
+    check of a second when it is up to date). Process 0 prepares; the others wait for it."""
+    if Path(cfg.task.data_dir).absolute() != Path(cfg.data.out_dir).absolute():
+        return  # a corpus prepared elsewhere: used as it is
+    if is_main_process():
+        done = prepare_corpus(PrepareConfig(cfg.data, cfg.tokenizer))
+        if done.built:
+            splits = done.manifest["splits"]
+            log.info("prepared %s in %.1f s (%s): %s", done.out_dir, done.seconds, done.reason,
+                     ", ".join(f"{name} {split['documents']} documents, {split['tokens']} tokens"
+                               for name, split in splits.items()))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxformer corpus prepared")
 
 
 def use_compilation_cache(directory: str) -> None:
@@ -158,8 +193,11 @@ def set_up(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
                                 trainer.checkpoint_every, keep_best=trainer.keep_best,
                                 best_metric=trainer.best_metric, best_mode=trainer.best_direction)
     latest = checkpointer.latest_meta()
+    tokens_by = None if task.tokenizer is None else tokenizer_sha256(task.tokenizer)
     if latest is not None:  # refuse another model's checkpoint before building anything
         check_compatible(latest[1]["model"], to_dict(model_cfg), checkpointer.directory)
+        check_same_tokenizer(latest[1].get("tokenizer_sha256"), tokens_by, cfg,
+                             checkpointer.directory)
     if is_main_process() and task.tokenizer is not None:
         save_tokenizer(task.tokenizer, run_dir / TOKENIZER)
 
@@ -202,7 +240,7 @@ def set_up(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
 
     n_params = count_params(state.params)
     meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective.name,
-            **optimizer_settings}
+            "tokenizer_sha256": tokens_by, **optimizer_settings}
     config = {  # the run's wandb config
         **to_dict(cfg), "model": to_dict(model_cfg), "n_params": n_params,
         "job_name": job_name, "objective": objective.name, **run_metadata(),

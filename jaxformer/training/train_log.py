@@ -43,9 +43,11 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 class TrainLog:
     def __init__(self, tracker: Tracker, trainer: TrainerConfig, checkpointer: Checkpointer,
-                 progress: Progress, tokens_per_step: int, start_step: int):
+                 progress: Progress, tokens_per_step: int, start_step: int,
+                 rows_per_epoch: int | None = None):
         self.tracker, self.trainer, self.checkpointer = tracker, trainer, checkpointer
         self.progress, self.tokens_per_step = progress, tokens_per_step
+        self.rows_per_epoch = rows_per_epoch  # a corpus of fixed rows (text): epochs are logged
         self.pending: tuple[int, dict] | None = None  # a dispatched step's metrics, unread
         self.pending_diagnostics: tuple[int, dict] | None = None
         self.last_time, self.last_step = time.perf_counter(), start_step  # of the last record
@@ -82,6 +84,8 @@ class TrainLog:
         metrics["tokens_per_s"] = (self.tokens_per_step * (step - self.last_step)
                                    / max(now - self.last_time, 1e-9))
         self.last_time, self.last_step = now, step
+        if self.rows_per_epoch:
+            metrics["epoch"] = step * self.trainer.batch_size / self.rows_per_epoch
         self.tracker.log(metrics, step, "train")  # a skipped step is part of the run's record
         self.progress.report(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         check_finite(metrics, step, self.trainer, self.checkpointer)
