@@ -293,3 +293,15 @@ def test_evaluate_scores_text_files_per_document(corpus, tmp_path):
     missing = run_module("jaxformer.evaluate", f"checkpoint={tmp_path / 'run'}",
                          f"text={tmp_path}/nothing*.txt")
     assert missing.returncode == 2 and "matches no file" in missing.stderr
+
+
+def test_embed_reads_a_text_trained_encoder(corpus, tmp_path):
+    from jaxformer.inference.embeddings import EmbedConfig, run_embed
+
+    train(replace(text_config(corpus, steps=3, eval_every=3, checkpoint_every=3),
+                  model={"kind": "encoder"}), tmp_path / "run")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the quick brown fox.\na lazy dog runs away.\n")
+    out, embeddings, texts = run_embed(EmbedConfig(model_dir=str(tmp_path / "run"),
+                                                   input=str(lines)))
+    assert embeddings.shape == (2, 32) and np.allclose(np.linalg.norm(embeddings, axis=1), 1.0)
