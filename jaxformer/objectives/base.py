@@ -9,6 +9,7 @@ Token arrays are int32, masks float32; B batch, T/S lengths, V vocabulary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +132,21 @@ class Objective:
                        batch_size: int) -> list[str]:
         """The model's greedy answer text for every problem of `data`."""
         raise NotImplementedError
+
+
+class CorpusObjective(Objective):
+    """An objective on a prepared text corpus (task=text): rows, no answer texts to check; the
+    held-out record adds the perplexity."""
+
+    text_answers = False
+    reads_corpus = True
+
+    def summarize(self, pooled: dict[str, float], data: EvalSet) -> dict[str, float]:
+        return {**super().summarize(pooled, data),
+                "perplexity": math.exp(min(pooled["loss"], 700.0))}
+
+    def greedy_answers(self, model, data, task, batch_size) -> list[str]:
+        return []
 
 
 class GenerativeObjective(Objective):

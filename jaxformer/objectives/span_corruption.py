@@ -16,13 +16,11 @@ row may hold several documents, each ending in `<eos>`, as T5's concatenated inp
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID
 from jaxformer.errors import UserError
-from jaxformer.objectives.base import Arrays, EvalSet, Objective, next_token_loss
+from jaxformer.objectives.base import Arrays, CorpusObjective, EvalSet, next_token_loss
 
 SENTINEL = "<extra_id_{}>"
 
@@ -47,11 +45,9 @@ def noise_mask(length: int, noise: int, spans: int, rng: np.random.Generator) ->
     return np.repeat(np.tile([False, True], spans), pieces)
 
 
-class SpanCorruption(Objective):
+class SpanCorruption(CorpusObjective):
     name = "span_corruption"
     randomizes = True
-    text_answers = False
-    reads_corpus = True
 
     def check(self, task, model_cfg=None) -> None:
         super().check(task, model_cfg)
@@ -113,9 +109,3 @@ class SpanCorruption(Objective):
                            deterministic=deterministic, rngs=rngs)
         return next_token_loss(logits_btv, tgt_bt, batch["loss_mask"])
 
-    def summarize(self, pooled: dict[str, float], data: EvalSet) -> dict[str, float]:
-        return {**super().summarize(pooled, data),
-                "perplexity": math.exp(min(pooled["loss"], 700.0))}
-
-    def greedy_answers(self, model, data, task, batch_size) -> list[str]:
-        return []

@@ -18,15 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.data.tokenizers import eos_id
-from jaxformer.objectives.base import Arrays, EvalSet, GenerativeObjective, token_loss
+from jaxformer.objectives.base import (
+    Arrays, CorpusObjective, EvalSet, GenerativeObjective, token_loss,
+)
 
 log = logging.getLogger(__name__)
 
 
-class TextCausalLM(GenerativeObjective):
+class TextCausalLM(CorpusObjective, GenerativeObjective):
     name = "text_clm"
-    text_answers = False  # held-out text is scored by loss and bits per byte, not by answers
-    reads_corpus = True
 
     def max_positions(self, task) -> int:
         return task.seq_len
@@ -57,14 +57,10 @@ class TextCausalLM(GenerativeObjective):
     def summarize(self, pooled: dict[str, float], data: EvalSet) -> dict[str, float]:
         """Held-out loss (nats per token), accuracy, perplexity, bits per byte and, on the same
         bytes, the unigram and zlib baselines' bits per byte."""
-        metrics = {"loss": pooled["loss"], "accuracy": pooled["accuracy"],
-                   "perplexity": math.exp(min(pooled["loss"], 700.0))}
+        metrics = super().summarize(pooled, data)
         if pooled.get("bytes"):
             metrics["bpb"] = pooled["loss"] * pooled["count"] / (math.log(2) * pooled["bytes"])
-        return {**metrics, **data.references}
-
-    def greedy_answers(self, model, data, task, batch_size) -> list[str]:
-        return []
+        return metrics
 
     # -- sampling from a trained run (the sample app) ---------------------------------------------
     def frame_prompt(self, tokenizer, text, max_len):

@@ -11,21 +11,17 @@ Evaluation: the loss, accuracy and perplexity at the masked positions.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from jaxformer.data.tokenizers import MASK, MASK_ID
 from jaxformer.errors import UserError
-from jaxformer.objectives.base import Arrays, EvalSet, Objective, token_loss
+from jaxformer.objectives.base import Arrays, CorpusObjective, EvalSet, token_loss
 from jaxformer.objectives.mlm import bert_corruption
 
 
-class TextMaskedLM(Objective):
+class TextMaskedLM(CorpusObjective):
     name = "text_mlm"
     randomizes = True
-    text_answers = False
-    reads_corpus = True
 
     def check(self, task, model_cfg=None) -> None:
         super().check(task, model_cfg)
@@ -66,9 +62,3 @@ class TextMaskedLM(Objective):
                            positions_bt=batch["positions"], deterministic=deterministic, rngs=rngs)
         return token_loss(model.mlm_logits(hidden_btd), batch["targets"], batch["loss_mask"])
 
-    def summarize(self, pooled: dict[str, float], data: EvalSet) -> dict[str, float]:
-        return {**super().summarize(pooled, data),
-                "perplexity": math.exp(min(pooled["loss"], 700.0))}
-
-    def greedy_answers(self, model, data, task, batch_size) -> list[str]:
-        return []
