@@ -167,7 +167,9 @@ class RunDir:
 
     def checkpoint_meta(self, step: int | None = None) -> dict:
         """What a checkpoint records beside the state: model config, n_params, objective, ..."""
-        step = self.resolve_step(step)
+        return self._meta_at(self.resolve_step(step))
+
+    def _meta_at(self, step: int) -> dict:
         manager = self._manager()
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
@@ -199,12 +201,11 @@ class RunDir:
 
     @cached_property
     def n_params(self) -> int:
-        """Parameters of the run's model, counted from its config (no array is built): the one
-        a checkpoint records, or, before the first checkpoint, the one the config resolves to."""
+        """Parameters of the run's model: what its checkpoints record or, before the first
+        checkpoint, counted from the model its config resolves to (no array is built)."""
         if self.checkpoint_steps():
-            model_cfg = self.model_config()
-        else:
-            model_cfg = self.objective.model_config(self.config.model, self.task)
+            return int(self.checkpoint_meta()["n_params"])
+        model_cfg = self.objective.model_config(self.config.model, self.task)
         return count_params(split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))[1])
 
     def restore(self, step: int | None = None) -> RestoredRun:
@@ -213,7 +214,7 @@ class RunDir:
         Only the parameters are read (a partial restore of the `state` item), so this needs
         neither the optimizer config nor the memory for its state."""
         step = self.resolve_step(step)
-        meta = self.checkpoint_meta(step)
+        meta = self._meta_at(step)
         model_cfg = self.model_config(step, meta)
         graphdef, abstract_params, rest = split_model(
             nnx.eval_shape(lambda: build_model(model_cfg, 0)))

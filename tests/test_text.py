@@ -118,7 +118,7 @@ def test_decoder_trains_on_text_and_reports_bits_per_byte(corpus, tmp_path):
     losses = [r["loss"] for r in RunDir(tmp_path).metrics("train")]
     assert losses[-1] < losses[0]
     assert RunDir(tmp_path).metrics("train")[-1]["epoch"] == pytest.approx(
-        12 * 16 / result_rows(corpus))
+        12 * 16 / text_task(corpus).train_rows)
     evals = RunDir(tmp_path).metrics("eval")
     assert {"loss", "accuracy", "bpb", "perplexity"} <= set(evals[-1])
     assert 0 < result.eval_metrics["bpb"] < 8
@@ -207,10 +207,6 @@ def test_reference_bits_per_byte_are_computed_on_the_same_bytes(corpus):
     expected = -np.log2(probs[targets]).sum() / data.examples["target_bytes"].sum()
     assert data.references["unigram_bpb"] == pytest.approx(expected)
     assert 0 < data.references["zlib_bpb"] < 8  # repetitive text compresses
-
-
-def result_rows(corpus) -> int:
-    return text_task(corpus).train_rows
 
 
 # -- span corruption (the encoder-decoder) ----------------------------------------------------------

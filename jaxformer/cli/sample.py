@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from jaxformer.cli.app import CONF_PATH, quiet_libraries, register_schema, run_app, user_errors
 from jaxformer.config import to_config
 from jaxformer.inference.sampling import SampleConfig, Sampled, sample_run
+from jaxformer.runs import RunDir
 
 FREE_TEXT_KEYS = ("prompt",)
 quiet_libraries()
@@ -36,11 +37,12 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         config = to_sample_config(cfg)
         s = config.sampling
-        report(config, sample_run(config),
+        run = RunDir.open(config.checkpoint).restore(config.step)  # once, for samples and beams
+        report(config, sample_run(config, run=run),
                f"{s.num_samples} samples (temperature {s.temperature:g}, top_k {s.top_k}, "
                f"top_p {s.top_p:g}, seed {s.seed})")
         if s.beam_size:
-            report(config, sample_run(config, beams=True),
+            report(config, sample_run(config, beams=True, run=run),
                    f"{s.beam_size} beams (length_penalty {s.length_penalty:g})")
 
 

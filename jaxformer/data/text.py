@@ -99,9 +99,15 @@ class TextTask:
         counts = np.bincount(np.asarray(self.splits["train"].tokens), minlength=len(self.token_bytes))
         log2_p = np.log2(counts + 1.0) - np.log2(counts.sum() + len(counts))
         n_bytes = int(self.token_bytes[flat].sum())
-        text = "".join(self.tokenizer.decode(row.tolist()) for row in np.asarray(targets_nt))
+        # decoded whole: a row boundary inside a character's bytes must not become U+FFFD
+        text = self.tokenizer.decode(flat.tolist())
         return {"unigram_bpb": float(-log2_p[flat].sum() / n_bytes),
                 "zlib_bpb": 8.0 * len(zlib.compress(text.encode("utf-8"), 9)) / n_bytes}
+
+    @cached_property
+    def text_token_ids(self) -> np.ndarray:
+        """The ids that stand for text (not <eos> or other special tokens)."""
+        return np.flatnonzero(self.token_bytes > 0)
 
     @cached_property
     def token_bytes(self) -> np.ndarray:

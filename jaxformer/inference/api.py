@@ -29,16 +29,35 @@ from jaxformer.config import SamplingConfig, TrainConfig
 from jaxformer.data.tokenizers import eos_id, token_byte_lengths
 from jaxformer.errors import UserError
 from jaxformer.inference.sampling import SampleConfig, sample_run
-from jaxformer.runs import RunDir
+from jaxformer.models.decoder import Decoder
+from jaxformer.runs import RestoredRun, RunDir
 
 
 @dataclass
 class LoadedRun:
     path: Path
-    model: nnx.Module
-    tokenizer: Tokenizer
-    step: int
-    objective: str | None
+    restored: RestoredRun
+
+    @property
+    def model(self) -> nnx.Module:
+        return self.restored.model
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.restored.tokenizer
+
+    @property
+    def step(self) -> int:
+        return self.restored.step
+
+    @property
+    def objective(self) -> str | None:
+        return self.restored.objective
+
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        """(vocab,) UTF-8 bytes per token id, for bits per byte."""
+        return token_byte_lengths(self.tokenizer)
 
     @cached_property
     def config(self) -> TrainConfig:
@@ -49,24 +68,24 @@ class LoadedRun:
         """Completions of `prompt` (sampling: temperature, top_k, top_p, num_samples,
         max_new_tokens, seed, as the sample app's `sampling.` settings; default one greedy)."""
         controls = SamplingConfig(**{"temperature": 0.0, "num_samples": 1, **sampling})
-        return sample_run(SampleConfig(str(self.path), prompt, self.step, controls)).texts
+        return sample_run(SampleConfig(str(self.path), prompt, self.step, controls),
+                          run=self.restored).texts
 
     def score(self, text: str) -> dict[str, float]:
         """Bits per byte (and nats, bytes, tokens) of `text` under a decoder."""
-        if self.model.__class__.__name__ != "Decoder":
+        if not isinstance(self.model, Decoder):
             raise UserError(f"score reads text with a decoder; {self.path} holds a "
-                            f"{self.model.__class__.__name__}")
-        return score_text(self.model, self.tokenizer, text)
+                            f"{self.restored.model_cfg.kind}")
+        return score_text(self.model, self.tokenizer, text, self.token_bytes)
 
 
 def load_run(path: str | Path, step: int | None = None) -> LoadedRun:
     """The run in `path` at checkpoint `step` (None: the latest)."""
-    restored = RunDir.open(path).restore(step)
-    return LoadedRun(Path(path), restored.model, restored.tokenizer, restored.step,
-                     restored.objective)
+    return LoadedRun(Path(path), RunDir.open(path).restore(step))
 
 
-def score_text(model: nnx.Module, tokenizer: Tokenizer, text: str) -> dict[str, float]:
+def score_text(model: nnx.Module, tokenizer: Tokenizer, text: str,
+               token_bytes: np.ndarray) -> dict[str, float]:
     """Sum of -log p(token) over the text's tokens, each predicted from the tokens before it in
     its window of model.max_len (windows overlap by one token), and the bytes they stand for."""
     ids = np.asarray([eos_id(tokenizer, "the run's tokenizer"), *tokenizer.encode(text).ids],
@@ -81,7 +100,7 @@ def score_text(model: nnx.Module, tokenizer: Tokenizer, text: str) -> dict[str, 
         padded[:len(window)] = window
         weights = (np.arange(context) < len(window) - 1).astype(np.float32)
         nats += float(_window_nats(graphdef, state, padded[None], weights[None]))
-    n_bytes = int(token_byte_lengths(tokenizer)[ids[1:]].sum())
+    n_bytes = int(token_bytes[ids[1:]].sum())
     return {"bpb": nats / (math.log(2) * n_bytes) if n_bytes else float("nan"), "nats": nats,
             "bytes": n_bytes, "tokens": int(len(ids) - 1)}
 

@@ -22,7 +22,7 @@ from jaxformer.data.tokenizers import eos_id
 from jaxformer.errors import UserError
 from jaxformer.models.decoding import completion_texts, ended_at_eos, generate
 from jaxformer.objectives import generative_objective
-from jaxformer.runs import RunDir
+from jaxformer.runs import RestoredRun, RunDir
 
 
 @dataclass
@@ -48,9 +48,11 @@ class Sampled(NamedTuple):
     ended: list[bool]  # stopped at <eos> (else at max_new_tokens)
 
 
-def sample_run(config: SampleConfig, beams: bool = False) -> Sampled:
-    """Restore the run and complete the prompt (with beam search when `beams`)."""
-    run = RunDir.open(config.checkpoint).restore(config.step)
+def sample_run(config: SampleConfig, beams: bool = False,
+               run: RestoredRun | None = None) -> Sampled:
+    """Complete the prompt (with beam search when `beams`) with `run`, or the run restored from
+    config.checkpoint when none is given."""
+    run = run or RunDir.open(config.checkpoint).restore(config.step)
     objective = generative_objective(run.model_cfg, config.checkpoint, "sample", run.objective)
     cfg = config.sampling
     cfg.check_vocab(run.model_cfg.vocab_size)

@@ -23,7 +23,7 @@ from jaxformer.config import ModelConfig
 from jaxformer.data.pipeline import RANDOMIZE_STREAM, padded_batches
 from jaxformer.data.tasks import Problem, Task
 from jaxformer.data.text import TextTask
-from jaxformer.data.tokenizers import PAD_ID
+from jaxformer.data.tokenizers import PAD_ID, vocab_size
 from jaxformer.errors import UserError
 from jaxformer.models import resolve_model_config
 from jaxformer.models.decoding import completion_texts, generate
@@ -83,7 +83,7 @@ class Objective:
         tokenizer), the classes (when this objective classifies), the features (vector tasks)."""
         vector_task = task.tokenizer is None
         return resolve_model_config(
-            model_cfg, None if vector_task else task.tokenizer.get_vocab_size(),
+            model_cfg, None if vector_task else vocab_size(task.tokenizer),
             task.num_classes if self.classifies else 0, task.input_dim if vector_task else None)
 
     def max_positions(self, task: Any) -> int:

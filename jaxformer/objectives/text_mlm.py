@@ -44,7 +44,7 @@ class TextMaskedLM(CorpusObjective):
 
     def randomize(self, task, arrays, rng) -> Arrays:
         targets = arrays["targets"]
-        text_ids = np.flatnonzero(task.token_bytes > 0)  # tokens that stand for text
+        text_ids = task.text_token_ids
         inputs, selected = bert_corruption(
             targets, task.token_bytes[targets] > 0, task.cfg.mask_prob, rng,
             lambda shape: text_ids[rng.integers(0, len(text_ids), size=shape)])
