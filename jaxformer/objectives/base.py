@@ -47,8 +47,9 @@ class EvalSet:
 
 
 class Objective:
-    """Base class; the five objectives are jaxformer/objectives/{clm,seq2seq,mlm,classification,
-    vector_classification}.py, picked for a model and task by `objective_for` (__init__.py)."""
+    """Base class of the objectives in jaxformer/objectives/ (on problems: clm, seq2seq, mlm,
+    classification, vector_classification; on a text corpus: text_clm, text_mlm,
+    span_corruption), picked for a model and task by `objective_for` (__init__.py)."""
 
     name: str
     randomizes = False  # batches get per-batch randomness on top of `encode` (masked LM)
