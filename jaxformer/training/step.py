@@ -22,8 +22,8 @@ from jaxformer.parallel import constrain
 from jaxformer.training.state import TrainState
 
 Batch = dict[str, jax.Array]
-Z_LOSS = "z_loss"  # the train metric: z_loss x mean (log Z)^2, as added to the loss
-MEANS = ("loss", "accuracy", Z_LOSS)  # train metrics that are means over `count`
+MEANS = ("loss", "accuracy")  # the train metrics that are means over `count`
+Z_LOSS = "z_loss"  # and with optim.z_loss > 0: z_loss x mean (log Z)^2, as added to the loss
 
 
 def dropout_key(state: TrainState) -> jax.Array:
@@ -70,7 +70,7 @@ def micro_batches(batch: Batch, grad_accum: int) -> Batch:
 
 
 def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: Batch, grad_accum: int,
-                         key: jax.Array, means: tuple[str, ...] = ("loss", "accuracy"),
+                         key: jax.Array, means: tuple[str, ...] = MEANS,
                          ) -> tuple[nnx.State, dict]:
     """Gradients and metrics of the whole batch from `grad_accum` sequential micro-batches.
 
@@ -119,7 +119,7 @@ def make_train_step(
     shardings: StepShardings | None = None, z_loss: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The jitted train step; `z_loss` (optim.z_loss) > 0 adds the z-loss (see training_loss)."""
-    means = MEANS if z_loss > 0 else MEANS[:2]
+    means = (*MEANS, Z_LOSS) if z_loss > 0 else MEANS
 
     def loss_fn(params: nnx.State, batch: Batch, key: jax.Array):
         return training_loss(nnx.merge(graphdef, params, rest), batch, objective, key, z_loss)
