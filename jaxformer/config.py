@@ -42,8 +42,8 @@ VECTOR_TASKS = ("teacher",)  # real-valued feature vectors: the mlp's tasks
 TEXT_TASKS = ("text",)  # token shards of a prepared corpus (python -m jaxformer.prepare)
 TASKS = TOKEN_TASKS + VECTOR_TASKS + TEXT_TASKS
 DOCUMENT_SPLITS = ("file", "blank_line")  # a text file is one document | one per blank-line block
-SCHEDULES = ("cosine", "constant")
-OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant", "linear", "rsqrt", "wsd")  # see training/optim.py:make_schedule
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion", "muon")  # conf/optim/NAME.yaml each
 WANDB_MODES = ("offline", "online", "disabled")
 BEST_METRICS = ("loss", "accuracy", "exact_match")  # the eval metrics every objective reports
 PARAM_GROUPS = ("embeddings", "blocks", "head")  # see jaxformer/training/finetune.py
@@ -322,28 +322,38 @@ class TokenizerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"  # adamw | sgd | adafactor | lion | muon (training/optim.py:_optimizer)
     lr: float = 1e-3
     weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.98
-    eps: float = 1e-9
+    b1: float = 0.9  # adamw, lion, muon's AdamW (embeddings, heads, biases, norms)
+    b2: float = 0.98  # adamw, lion, muon's AdamW
+    eps: float = 1e-9  # adamw, muon's AdamW
     warmup_steps: int = 100
+    # after a linear warmup: cosine | constant | linear (to lr * min_lr_ratio) | rsqrt
+    # (lr * sqrt(warmup / step)) | wsd (constant, then linear to lr * min_lr_ratio at the end)
     schedule: str = "cosine"
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio for the cosine schedule
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio (cosine, linear, wsd)
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps, in (0, 1], decays
     clip_norm: float = 1.0  # global-norm clipping; 0 disables it
-    momentum: float = 0.9  # sgd: heavy-ball momentum; 0 gives plain SGD
-    nesterov: bool = False  # sgd: Nesterov momentum
+    momentum: float = 0.9  # sgd: heavy-ball momentum (0: plain SGD); muon: its beta; adafactor: 0 = none
+    nesterov: bool = False  # sgd, muon: Nesterov momentum
+    # weight decay skips biases and norm scales; false: the embedding tables too (token,
+    # positions, token types: every parameter named `embedding`)
+    decay_embeddings: bool = True
+    z_loss: float = 0.0  # PaLM's z-loss: adds z_loss * mean (log sum exp logits)^2 to the train loss
 
     def __post_init__(self) -> None:
         _check_choice("optim", self, "name", OPTIMIZERS)
         _check_choice("optim", self, "schedule", SCHEDULES)
         _check_positive("optim", self, "lr")
         _check_at_least("optim", self, "weight_decay", "warmup_steps", "clip_norm", "min_lr_ratio",
-                        "eps")
+                        "eps", "z_loss")
         for name in ("b1", "b2", "momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise UserError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]: the "
+                            "fraction of the steps at the end of schedule=wsd that decays")
 
 
 @dataclass

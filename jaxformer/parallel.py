@@ -118,13 +118,16 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
 def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for an (abstract) pytree, same structure: an nnx.Variable is placed by its
     logical axis names (optimizer moments inherit their parameter's Variable, hence its names),
-    every other array is replicated (steps, counters, RNG keys)."""
+    every other array is replicated (steps, counters, RNG keys), and so is a moment of another
+    rank than its parameter (Adafactor's factored row and column statistics: small)."""
     def sharding(leaf):
         if not isinstance(leaf, nnx.Variable):
             return replicated(mesh)
         if not jax.tree.leaves(leaf):  # no array: optax's MaskedNode for a frozen parameter
             return leaf
         names = leaf.get_metadata("out_sharding", None)
+        if names is not None and len(names) != len(leaf.shape):
+            return leaf.replace(replicated(mesh))
         units = dict(leaf.get_metadata("shard_units", ()))  # (name, count) pairs
         return leaf.replace(NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh, units)))
     return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from jaxformer.config import ModelConfig
 from jaxformer.data.text import TextTask
 from jaxformer.errors import UserError
-from jaxformer.objectives.base import EvalSet, GenerativeObjective, Objective
+from jaxformer.objectives.base import LOG_Z_SQ, EvalSet, GenerativeObjective, Objective
 from jaxformer.objectives.classification import Classification
 from jaxformer.objectives.clm import CausalLM
 from jaxformer.objectives.mlm import MaskedLM
@@ -79,5 +79,5 @@ def generative_objective(model_cfg: ModelConfig, run: str, app: str,
     return OBJECTIVES[name]
 
 
-__all__ = ["OBJECTIVES", "EvalSet", "GenerativeObjective", "Objective", "generative_objective",
-           "get_objective", "objective_for"]
+__all__ = ["LOG_Z_SQ", "OBJECTIVES", "EvalSet", "GenerativeObjective", "Objective",
+           "generative_objective", "get_objective", "objective_for"]

@@ -1,9 +1,11 @@
 """What every objective is: one object holding how its batches are made, its loss and metrics,
 its greedy answer for evaluation, and what it requires of a task and a model.
 
-Every loss returns (scalar loss, metrics) with metrics {"loss", "accuracy", "count"}: accuracy is
-next-token (clm, seq2seq), masked-token (mlm) or label (classification, vector_classification)
-accuracy, and count the tokens or examples it averages over, so evaluation can pool batches exactly.
+Every loss returns (scalar loss, metrics) with metrics {"loss", "accuracy", "count", "log_z_sq"}:
+accuracy is next-token (clm, seq2seq), masked-token (mlm) or label (classification,
+vector_classification) accuracy, count the tokens or examples it averages over, so evaluation can
+pool batches exactly, and log_z_sq the mean of (log sum exp logits)^2 over them, which the train step
+turns into PaLM's z-loss (optim.z_loss) or drops (unused, XLA prunes it).
 Token arrays are int32, masks float32; B batch, T/S lengths, V vocabulary.
 """
 
@@ -31,6 +33,7 @@ from jaxformer.models.decoding import completion_texts, generate
 Arrays = dict[str, np.ndarray]
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+LOG_Z_SQ = "log_z_sq"  # the metric the z-loss is made of
 
 
 @dataclass
@@ -204,7 +207,9 @@ def token_loss(
     count = jnp.maximum(weights_bt.sum(), 1.0)
     loss = (token_nll_bt * weights_bt).sum() / count
     correct_bt = (first_argmax(logits_btv) == targets_bt) * weights_bt
-    return loss, {"loss": loss, "accuracy": correct_bt.sum() / count, "count": weights_bt.sum()}
+    log_z_sq = (log_z(logits_btv) ** 2 * weights_bt).sum() / count
+    return loss, {"loss": loss, "accuracy": correct_bt.sum() / count, "count": weights_bt.sum(),
+                  LOG_Z_SQ: log_z_sq}
 
 
 def next_token_loss(
@@ -220,7 +225,13 @@ def next_token_loss(
 def classification_loss(logits_bc: jax.Array, labels_b: jax.Array) -> tuple[jax.Array, Metrics]:
     loss = optax.softmax_cross_entropy_with_integer_labels(logits_bc, labels_b).mean()
     accuracy = (jnp.argmax(logits_bc, axis=-1) == labels_b).mean()
-    return loss, {"loss": loss, "accuracy": accuracy, "count": jnp.asarray(labels_b.shape[0], jnp.float32)}
+    return loss, {"loss": loss, "accuracy": accuracy, "count": jnp.asarray(labels_b.shape[0], jnp.float32),
+                  LOG_Z_SQ: (log_z(logits_bc) ** 2).mean()}
+
+
+def log_z(logits: jax.Array) -> jax.Array:
+    """log Z = log sum exp over the last (class) axis, in float32."""
+    return jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
 
 
 # -- encoding helpers -----------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def _at(state: nnx.State, path: tuple) -> nnx.State:
 
 def make_diagnostics(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
-    objective: Objective,
+    objective: Objective, z_loss: float = 0.0,
 ) -> Callable[[TrainState, Batch], dict]:
     def diagnosing_model(params: nnx.State) -> tuple[nnx.Module, dict]:
         model = nnx.merge(graphdef, params, rest)  # a copy: the train step's graph is untouched
@@ -79,7 +79,7 @@ def make_diagnostics(
 
         def probe_zeros() -> nnx.State:  # traced for shapes only: the layers make their probes
             model, stacks = diagnosing_model(state.params)
-            training_loss(model, batch, objective, key)
+            training_loss(model, batch, objective, key, z_loss)
             paths.update({name: path for name, (path, _) in stacks.items()})
             return nnx.pop(model, nnx.Perturbation)
 
@@ -88,7 +88,7 @@ def make_diagnostics(
         def loss_fn(params, probes):
             model, _ = diagnosing_model(params)
             nnx.update(model, probes)
-            loss, _ = training_loss(model, batch, objective, key)
+            loss, _ = training_loss(model, batch, objective, key, z_loss)
             sown = nnx.pop(model, nnx.Intermediate)
             return loss, {name: layer_records(_at(sown, (*path, "blocks")))
                           for name, path in paths.items()}

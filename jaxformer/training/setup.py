@@ -236,8 +236,10 @@ def set_up(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     graphdef, rest = layout.graphdef, layout.rest
     shardings = StepShardings(layout.shardings, batch_sharding(mesh), replicated(mesh))
     train_step = make_train_step(graphdef, rest, tx, schedule, objective,
-                                 grad_accum=trainer.grad_accum, shardings=shardings)
-    diagnose = make_diagnostics(graphdef, rest, tx, objective) if trainer.diagnostics_every else None
+                                 grad_accum=trainer.grad_accum, shardings=shardings,
+                                 z_loss=cfg.optim.z_loss)
+    diagnose = (make_diagnostics(graphdef, rest, tx, objective, cfg.optim.z_loss)
+                if trainer.diagnostics_every else None)
     heldout = objective.eval_set(task)
 
     n_params = count_params(state.params)

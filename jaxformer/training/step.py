@@ -16,11 +16,14 @@ import optax
 from flax import nnx
 from jax.sharding import Sharding
 
-from jaxformer.objectives import Objective
+from jaxformer.errors import UserError
+from jaxformer.objectives import LOG_Z_SQ, Objective
 from jaxformer.parallel import constrain
 from jaxformer.training.state import TrainState
 
 Batch = dict[str, jax.Array]
+MEANS = ("loss", "accuracy")  # the train metrics that are means over `count`
+Z_LOSS = "z_loss"  # and with optim.z_loss > 0: z_loss x mean (log Z)^2, as added to the loss
 
 
 def dropout_key(state: TrainState) -> jax.Array:
@@ -28,10 +31,22 @@ def dropout_key(state: TrainState) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
-def training_loss(model: nnx.Module, batch: Batch, objective: Objective, key: jax.Array):
-    """(loss, metrics) as the train step differentiates them: dropout on, drawn from `key`."""
+def training_loss(model: nnx.Module, batch: Batch, objective: Objective, key: jax.Array,
+                  z_loss: float = 0.0):
+    """(loss, metrics) as the train step differentiates them: dropout on, drawn from `key`.
+
+    With z_loss > 0 the loss adds PaLM's z-loss, z_loss x the mean (log Z)^2 over the predicted
+    tokens (Z = sum exp logits), logged as "z_loss"; metrics["loss"] stays the cross-entropy."""
     rngs = nnx.Rngs(dropout=key)  # made inside the grad trace that draws from it
-    return objective.loss(model, batch, deterministic=False, rngs=rngs)
+    loss, metrics = objective.loss(model, batch, deterministic=False, rngs=rngs)
+    log_z_sq = metrics.pop(LOG_Z_SQ, None)  # unused without the z-loss: XLA prunes it
+    if z_loss > 0:
+        if log_z_sq is None:
+            raise UserError(f"optim.z_loss={z_loss}: the {objective.name} objective has no "
+                            "logits to take log Z of: set optim.z_loss=0")
+        metrics[Z_LOSS] = z_loss * log_z_sq
+        loss = loss + metrics[Z_LOSS]
+    return loss, metrics
 
 
 @dataclass(frozen=True)
@@ -55,32 +70,34 @@ def micro_batches(batch: Batch, grad_accum: int) -> Batch:
 
 
 def accumulate_gradients(loss_fn: Callable, params: nnx.State, batch: Batch, grad_accum: int,
-                         key: jax.Array) -> tuple[nnx.State, dict]:
+                         key: jax.Array, means: tuple[str, ...] = MEANS,
+                         ) -> tuple[nnx.State, dict]:
     """Gradients and metrics of the whole batch from `grad_accum` sequential micro-batches.
 
     Each micro-batch's mean loss is weighted by its token (or example) count, so the result equals
-    one pass over the full batch: same loss, same gradient, 1/grad_accum of the activations."""
+    one pass over the full batch: same loss, same gradient, 1/grad_accum of the activations.
+    `means`: the metrics kept, each a mean over the count (pooled the same way)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
         (_, metrics), grads = grad_fn(params, batch, key)
         return grads, metrics
 
     def body(carry, micro):
-        grad_sum, loss_sum, correct_sum, count_sum = carry
+        grad_sum, sums, count_sum = carry
         index, micro_batch = micro
         (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(key, index))
         count = metrics["count"]
         grad_sum = jax.tree.map(lambda total, g: total + g * count, grad_sum, grads)
-        return (grad_sum, loss_sum + metrics["loss"] * count,
-                correct_sum + metrics["accuracy"] * count, count_sum + count), None
+        sums = {name: sums[name] + metrics[name] * count for name in means}
+        return (grad_sum, sums, count_sum + count), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+    init = (zeros, {name: jnp.zeros(()) for name in means}, jnp.zeros(()))
     xs = (jnp.arange(grad_accum), micro_batches(batch, grad_accum))
-    (grad_sum, loss_sum, correct_sum, count), _ = jax.lax.scan(body, init, xs)
+    (grad_sum, sums, count), _ = jax.lax.scan(body, init, xs)
     total = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / total, grad_sum)
-    return grads, {"loss": loss_sum / total, "accuracy": correct_sum / total, "count": count}
+    return grads, {**{name: value / total for name, value in sums.items()}, "count": count}
 
 
 # On CPU, XLA lowers float32 matmuls to YNNPACK by default; XNNPACK's kernels run the train step
@@ -99,14 +116,17 @@ def train_compiler_options() -> dict | None:
 def make_train_step(
     graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation,
     schedule: optax.Schedule, objective: Objective, *, grad_accum: int = 1,
-    shardings: StepShardings | None = None,
+    shardings: StepShardings | None = None, z_loss: float = 0.0,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The jitted train step; `z_loss` (optim.z_loss) > 0 adds the z-loss (see training_loss)."""
+    means = (*MEANS, Z_LOSS) if z_loss > 0 else MEANS
+
     def loss_fn(params: nnx.State, batch: Batch, key: jax.Array):
-        return training_loss(nnx.merge(graphdef, params, rest), batch, objective, key)
+        return training_loss(nnx.merge(graphdef, params, rest), batch, objective, key, z_loss)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         grads, metrics = accumulate_gradients(loss_fn, state.params, batch, grad_accum,
-                                              dropout_key(state))
+                                              dropout_key(state), means)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
@@ -137,6 +157,8 @@ def make_eval_step(
     graphdef: nnx.GraphDef, rest: nnx.State, objective: Objective
 ) -> Callable[[nnx.State, Batch], dict]:
     def eval_step(params: nnx.State, batch: Batch) -> dict:
-        return objective.loss(nnx.merge(graphdef, params, rest), batch)[1]
+        metrics = objective.loss(nnx.merge(graphdef, params, rest), batch)[1]
+        metrics.pop(LOG_Z_SQ, None)  # a training term: not computed for held-out batches
+        return metrics
 
     return jax.jit(eval_step)
