@@ -36,12 +36,15 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both data-par
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "embed": "fsdp",  # d_model rows of every weight: FSDP shards parameters along them
     "mlp": "tensor",  # d_ff: column-parallel up projection, row-parallel down projection
-    "heads": "tensor",  # n_heads * head_dim of q/k/v (columns) and the output projection (rows)
+    "heads": "tensor",  # n_heads * head_dim of q (columns) and the output projection (rows)
+    # n_kv_heads * head_dim of k/v: split when the tensor axis divides the kv heads (variables
+    # carry their head count as `shard_units`), replicated otherwise (multi-query attention)
+    "kv_heads": "tensor", "head_dim": None,
     "vocab": "tensor",  # token table rows / logits columns
     "positions": None, "types": None, "classes": None, "layers": None, "features": None,
     # activations (distinct names: FSDP splits parameter rows, never the residual stream)
     "act_batch": BATCH_AXES, "act_length": None, "act_embed": None,
-    "act_heads": "tensor", "act_mlp": "tensor", "act_vocab": "tensor",
+    "act_heads": "tensor", "act_kv_heads": "tensor", "act_mlp": "tensor", "act_vocab": "tensor",
 }
 
 
@@ -87,10 +90,12 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 # -- logical names -> shardings -------------------------------------------------------------------
 def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None) -> PartitionSpec:
+                    mesh: Mesh | None = None,
+                    units: dict[str, int] | None = None) -> PartitionSpec:
     """The PartitionSpec of an array with logical axis `names`. With `shape` and `mesh`, a
     dimension that the mesh axes do not divide is replicated instead (a vocabulary of 17 on 2
-    tensor shards), and a mesh axis is used at most once."""
+    tensor shards), and a mesh axis is used at most once. `units` (logical name -> count) splits
+    a dimension only in whole units (2 kv heads of 64 channels are not split over 4 shards)."""
     if not names:
         return PartitionSpec()
     used: set[str] = set()
@@ -102,7 +107,8 @@ def logical_to_spec(names: Sequence[str | None] | None, shape: Sequence[int] | N
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
         if mesh is not None:
             axes = tuple(axis for axis in axes if mesh.shape[axis] > 1 and axis not in used)
-            if shape is not None and axes and shape[dim] % math.prod(mesh.shape[a] for a in axes):
+            size = (units or {}).get(name, None if shape is None else shape[dim])
+            if size is not None and axes and size % math.prod(mesh.shape[a] for a in axes):
                 axes = ()
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -119,7 +125,8 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
         if not jax.tree.leaves(leaf):  # no array: optax's MaskedNode for a frozen parameter
             return leaf
         names = leaf.get_metadata("out_sharding", None)
-        return leaf.replace(NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh)))
+        units = dict(leaf.get_metadata("shard_units", ()))  # (name, count) pairs
+        return leaf.replace(NamedSharding(mesh, logical_to_spec(names, leaf.shape, mesh, units)))
     return jax.tree.map(sharding, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

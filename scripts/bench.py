@@ -7,7 +7,8 @@
               in the same process, so the output carries the ratio (scripts/bench_train.py)
     peer      the peer alone
 
-    compile   lower + compile time of the jitted train step as depth grows, scanned vs unrolled;
+    compile   lower + compile time and XLA's temp memory of the jitted train step as depth grows,
+              scanned vs unrolled, and per model.remat policy at --remat-depth (default 8);
               defaults: decoder, d_model 256, 4 heads, d_ff 1024, context 128, batch 8, vocab 64,
               AdamW, causal-LM loss; depths 2 and 32 for both scan_layers=true and false
     data      rows/s of the text input pipeline (a prepared corpus, grain) next to the rows/s the
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxformer.config import ModelConfig, OptimConfig, to_dict
+from jaxformer.config import REMAT_POLICIES, ModelConfig, OptimConfig, to_dict
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, PAD_ID
 from jaxformer.models import build_model
 from jaxformer.tracking import run_metadata
@@ -63,16 +64,19 @@ def machine_info() -> dict:
 
 
 # -- compile --------------------------------------------------------------------------------------
-def bench_model_config(args: argparse.Namespace, depth: int, scan: bool) -> ModelConfig:
+def bench_model_config(args: argparse.Namespace, depth: int, scan: bool,
+                       remat: str = "none") -> ModelConfig:
     return ModelConfig(
         kind="decoder", vocab_size=args.vocab, max_len=args.context, d_model=args.d_model,
         n_heads=args.n_heads, n_layers=depth, d_ff=args.d_ff, dropout=args.dropout,
-        scan_layers=scan,
+        scan_layers=scan, remat=remat,
     )
 
 
-def time_train_step_compile(model_cfg: ModelConfig, batch_size: int) -> tuple[float, float]:
-    """(lower_s, compile_s) of a fresh train-step jit on abstract inputs: shapes only, no arrays."""
+def time_train_step_compile(model_cfg: ModelConfig, batch_size: int) -> tuple[float, float, int]:
+    """(lower_s, compile_s, XLA temp bytes) of a fresh train-step jit on abstract inputs: shapes
+    only, no arrays. Temp bytes are what the step needs beyond its arguments and outputs: the
+    activations kept for the backward pass, which model.remat trades for recomputation."""
     optim = OptimConfig()
     tx, schedule = make_optimizer(optim, 1000), make_schedule(optim, 1000)
     abstract_model = nnx.eval_shape(lambda: build_model(model_cfg, 0))
@@ -86,8 +90,9 @@ def time_train_step_compile(model_cfg: ModelConfig, batch_size: int) -> tuple[fl
     start = time.perf_counter()
     lowered = train_step.lower(abstract_state, batch)
     lowered_at = time.perf_counter()
-    lowered.compile()
-    return lowered_at - start, time.perf_counter() - lowered_at
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - lowered_at
+    return lowered_at - start, compile_s, compiled.memory_analysis().temp_size_in_bytes
 
 
 def time_depths(args: argparse.Namespace, scan: bool, depths: list[int]) -> dict:
@@ -99,6 +104,7 @@ def time_depths(args: argparse.Namespace, scan: bool, depths: list[int]) -> dict
                 for _ in range(args.repeats)]
         timings[f"lower_s_depth_{depth}"] = round(statistics.median(r[0] for r in runs), 3)
         timings[f"compile_s_depth_{depth}"] = round(statistics.median(r[1] for r in runs), 3)
+        timings[f"temp_mib_depth_{depth}"] = round(runs[0][2] / 2**20, 2)
         print(f"{mode} depth {depth}: lower {timings[f'lower_s_depth_{depth}']}s, "
               f"compile {timings[f'compile_s_depth_{depth}']}s", file=sys.stderr)
     low, high = min(depths), max(depths)
@@ -124,7 +130,24 @@ def compile_bench(args: argparse.Namespace) -> dict:
         **headline, "model": model, "batch": args.batch, "objective": "clm",
         "optimizer": "adamw", "repeats": args.repeats,
         "scan": scan, "unrolled": time_depths(args, False, args.unrolled_depths),
+        "remat": remat_table(args),
     }
+
+
+def remat_table(args: argparse.Namespace) -> dict:
+    """Per model.remat policy at --remat-depth, scanned and unrolled: XLA's temp memory of the
+    train step (the saved activations) and its compile time."""
+    table = {"depth": args.remat_depth}
+    for scan in (True, False):
+        mode = "scan" if scan else "unrolled"
+        for policy in args.remat_policies:
+            _, compile_s, temp_bytes = time_train_step_compile(
+                bench_model_config(args, args.remat_depth, scan, policy), args.batch)
+            table[f"{mode}_{policy}"] = {"temp_mib": round(temp_bytes / 2**20, 2),
+                                         "compile_s": round(compile_s, 3)}
+            print(f"remat {policy} ({mode}, depth {args.remat_depth}): "
+                  f"{table[f'{mode}_{policy}']}", file=sys.stderr)
+    return table
 
 
 def add_shape_options(parser: argparse.ArgumentParser, context: int, vocab: int) -> None:
@@ -145,6 +168,9 @@ def add_compile_options(parser: argparse.ArgumentParser) -> None:
     add_shape_options(parser, context=128, vocab=64)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=1, help="median of this many compiles")
+    parser.add_argument("--remat-depth", type=int, default=8)
+    parser.add_argument("--remat-policies", nargs="+", default=["none", "full", "dots_saveable"],
+                        choices=REMAT_POLICIES, help="model.remat values to compare")
 
 
 # -- sample ---------------------------------------------------------------------------------------

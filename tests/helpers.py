@@ -82,6 +82,9 @@ MESHES = {
     "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2},
 }
 SHARDED = {"data": 2, "fsdp": 2, "tensor": 2}
+# a Llama-style multi-query decoder: its one kv head cannot split over tensor=2, so k/v stay whole
+MQA_MODEL = {"norm_type": "rmsnorm", "mlp": "glu", "activation": "silu", "positions": "rope",
+             "n_kv_heads": 1, "qk_norm": True, "bias": False, "tie_embeddings": False}
 
 
 def family_config(family: str, steps: int = 4, mesh: dict | None = None, **trainer):

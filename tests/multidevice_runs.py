@@ -18,7 +18,9 @@ import jax
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import FAMILIES, MESHES, family_config, read_losses, replace  # noqa: E402
+from helpers import (  # noqa: E402
+    FAMILIES, MESHES, MQA_MODEL, SHARDED, family_config, read_losses, replace,
+)
 
 from jaxformer.config import MeshConfig  # noqa: E402
 from jaxformer.errors import UserError  # noqa: E402
@@ -27,11 +29,11 @@ from jaxformer.training.loop import train  # noqa: E402
 from jaxformer.training.state import init_train_state, state_layout  # noqa: E402
 
 
-def shard_shapes(cfg) -> dict[str, list[list[int]]]:
+def shard_shapes(cfg, model: dict | None = None) -> dict[str, list[list[int]]]:
     """(global shape, one device's shard shape) of a few parameters on the 2 x 2 x 2 mesh."""
     mesh = make_mesh(MeshConfig(**MESHES["data2_fsdp2_tensor2"]))
     with use_mesh(mesh):
-        model_cfg = replace(cfg, model={"vocab_size": 20}).model
+        model_cfg = replace(cfg, model={"vocab_size": 20, **(model or {})}).model
         layout = state_layout(model_cfg, optax.adam(1e-3), 0, mesh)
         state = init_train_state(model_cfg, optax.adam(1e-3), 0, layout.shardings)
     params = state.params
@@ -39,6 +41,7 @@ def shard_shapes(cfg) -> dict[str, list[list[int]]]:
         "mlp.up.kernel": params["stack"]["blocks"]["mlp"]["up"]["kernel"],
         "attention.query.kernel": params["stack"]["blocks"]["attention"]["query"]["kernel"],
         "attention.out.kernel": params["stack"]["blocks"]["attention"]["out"]["kernel"],
+        "attention.key.kernel": params["stack"]["blocks"]["attention"]["key"]["kernel"],
         "embed.embedding": params["embed"]["embedding"],
         "adam.mu.mlp.up.kernel": state.opt_state[0].mu["stack"]["blocks"]["mlp"]["up"]["kernel"],
     }
@@ -64,6 +67,9 @@ def main(out_dir: Path) -> None:
             run = train(cfg, out_dir / family / mesh_name)
             result["losses"][family][mesh_name] = read_losses(run.metrics_path)
     result["shards"] = shard_shapes(family_config("decoder"))
+    mqa = replace(family_config("decoder", mesh=SHARDED), model=MQA_MODEL)
+    result["losses"]["decoder_mqa"] = read_losses(train(mqa, out_dir / "mqa").metrics_path)
+    result["shards_mqa"] = shard_shapes(family_config("decoder"), MQA_MODEL)
 
     # a checkpoint written on 8 devices (data=8, step 4) resumes on the 2 x 2 x 2 mesh
     written = out_dir / "decoder" / "data8"

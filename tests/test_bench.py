@@ -20,7 +20,8 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 def test_compile_bench_prints_one_json_object():
     done = run_bench("compile", "--d-model", "16", "--n-heads", "2", "--d-ff", "32",
                      "--context", "8", "--batch", "2", "--depths", "1", "2",
-                     "--unrolled-depths", "1")
+                     "--unrolled-depths", "1", "--remat-depth", "2", "--remat-policies", "none",
+                     "full")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
     assert result["bench"] == "compile" and result["model"]["d_model"] == 16
@@ -29,6 +30,8 @@ def test_compile_bench_prints_one_json_object():
     assert scan["compile_s_depth_1"] > 0 and scan["compile_s_depth_2"] > 0
     assert scan["compile_ratio_2_over_1"] > 0 and "total_ratio_2_over_1" in scan
     assert "compile_s_depth_1" in result["unrolled"]
+    remat = result["remat"]  # XLA's temp memory per model.remat policy
+    assert remat["depth"] == 2 and remat["scan_full"]["temp_mib"] < remat["scan_none"]["temp_mib"]
     assert {"versions", "devices", "cpu_count"} <= set(result["machine"])
 
 

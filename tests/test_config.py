@@ -85,7 +85,7 @@ def test_cli_bad_value_is_one_clear_line(tmp_path: Path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines == [
-        "error: model.d_model=30 is not divisible by model.n_heads=4: pick d_model as a multiple of n_heads"
+        "error: model.d_model=30 is not divisible by model.n_heads=4: pick d_model as a multiple of n_heads or set model.head_dim"
     ]
 
 
@@ -104,7 +104,7 @@ def test_cli_unwritable_run_dir_is_one_clear_line(tmp_path: Path):
     "override, message",
     [
         ("model.n_layerz=3", "error: Could not override 'model.n_layerz': Key 'n_layerz' not in 'ModelConfig'"),
-        ("model=transformerXL", "error: In 'train': Could not find 'model/transformerXL' (options: decoder, encoder, encoder_decoder, mlp)"),
+        ("model=transformerXL", "error: In 'train': Could not find 'model/transformerXL' (options: decoder, encoder, encoder_decoder, llama, mlp)"),
         ("experiment=nope", "error: In 'train': Could not find 'experiment/nope' (options: "
                             + ", ".join(EXPERIMENTS) + ")"),
         ("trainer.steps=0", "error: trainer.steps=0 must be a positive number"),

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from helpers import (
-    FAMILIES, MESHES, REPO, family_config, multidevice_env, read_losses, replace, run_module,
+    FAMILIES, MESHES, MQA_MODEL, REPO, family_config, multidevice_env, read_losses, replace, run_module,
     tiny_config,
 )
 from jaxformer.config import MeshConfig, register_configs
@@ -123,6 +123,8 @@ def single_device(tmp_path_factory):
               for family in FAMILIES}
     losses["decoder_6"] = read_losses(
         train(family_config("decoder", steps=6), root / "decoder_6").metrics_path)
+    losses["decoder_mqa"] = read_losses(
+        train(replace(family_config("decoder"), model=MQA_MODEL), root / "mqa").metrics_path)
     return losses
 
 
@@ -150,6 +152,17 @@ def test_parameters_and_optimizer_state_are_really_sharded(eight_devices):
     assert shards["attention.out.kernel"] == [[2, 32, 32], [2, 16, 16]]  # (layers, heads, embed)
     assert shards["embed.embedding"] == [[20, 32], [10, 16]]  # (vocab, embed)
     assert shards["adam.mu.mlp.up.kernel"] == shards["mlp.up.kernel"]  # moments follow params
+    assert shards["attention.key.kernel"] == [[2, 32, 32], [2, 16, 16]]  # 2 kv heads: split
+
+
+def test_one_kv_head_stays_whole_and_trains_as_on_one_device(single_device, eight_devices):
+    """Multi-query attention on tensor=2: the kv head's 16 columns would split in two, but a head
+    is never cut, so k/v are replicated over tensor (rows still split over fsdp)."""
+    _, result = eight_devices
+    assert result["shards_mqa"]["attention.key.kernel"] == [[2, 32, 16], [2, 16, 16]]
+    assert result["shards_mqa"]["attention.query.kernel"] == [[2, 32, 32], [2, 16, 16]]
+    assert_same_losses(result["losses"]["decoder_mqa"], single_device["decoder_mqa"],
+                       "decoder_mqa data2_fsdp2_tensor2")
 
 
 def test_bad_parallel_layouts_are_one_line(eight_devices):

@@ -46,12 +46,13 @@ class DecodeCache(NamedTuple):
 
 class Sublayer(nnx.Module):
     """The norm placement (pre | post | none), dropout and optional residual around one branch:
-    `x = branch.post(x, fn(branch.pre(x)))`."""
+    `x = branch.post(x, fn(branch.pre(x)))`. Without `norm` (the MLP of a parallel block, which
+    reads the attention's normed input) it is dropout and residual only."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.norm = make_norm(cfg, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, norm: bool = True, rngs: nnx.Rngs):
+        self.norm = make_norm(cfg, rngs=rngs) if norm else None
         self.dropout = nnx.Dropout(cfg.dropout)
-        self.placement = cfg.norm
+        self.placement = cfg.norm if norm else "none"
         self.residual = cfg.residual
 
     def pre(self, x_btd: jax.Array) -> jax.Array:
@@ -68,7 +69,10 @@ class Sublayer(nnx.Module):
 
 class Block(nnx.Module):
     """Self-attention, then cross-attention to `memory_bsd` (decoder of an encoder-decoder only),
-    then the MLP; each wrapped in a Sublayer. The self-attention mask decides causal or not."""
+    then the MLP; each wrapped in a Sublayer. The self-attention mask decides causal or not.
+
+    A parallel block (model.parallel_block; GPT-J, PaLM) feeds the attention's normed input to the
+    MLP too and adds both outputs to the stream: x + attn(norm(x)) + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, *, cross_attention: bool = False, rngs: nnx.Rngs):
         self.attention = MultiHeadAttention(cfg, rngs=rngs)
@@ -77,8 +81,9 @@ class Block(nnx.Module):
             self.cross_attention = MultiHeadAttention(cfg, cross=True, rngs=rngs)
             self.cross_attention_branch = Sublayer(cfg, rngs=rngs)
         self.has_cross_attention = cross_attention
+        self.parallel = cfg.parallel_block
         self.mlp = MLP(cfg, rngs=rngs)
-        self.mlp_branch = Sublayer(cfg, rngs=rngs)
+        self.mlp_branch = Sublayer(cfg, norm=not self.parallel, rngs=rngs)
 
     def __call__(
         self, x_btd: jax.Array, mask: jax.Array | None, positions_bt: jax.Array,
@@ -87,15 +92,30 @@ class Block(nnx.Module):
     ):
         """(B, T, d_model) -> (B, T, d_model); decoding with a `cache`: (x, updated cache)."""
         self_kv, cross_kv = (None, None) if cache is None else cache
-        h_btd, self_kv = self.attention(self.attention_branch.pre(x_btd), mask=mask,
-                                        positions_bt=positions_bt, cache=self_kv)
+        normed_btd = self.attention_branch.pre(x_btd)
+        h_btd, self_kv = self.attention(normed_btd, mask=mask, positions_bt=positions_bt,
+                                        cache=self_kv)
+        mlp_btd = self.mlp(normed_btd) if self.parallel else None
         x_btd = self.attention_branch.post(x_btd, h_btd, **dropout_kw)
         if self.has_cross_attention:
             h_btd, cross_kv = self.cross_attention(self.cross_attention_branch.pre(x_btd),
                                                    memory_bsd, mask=memory_mask, cache=cross_kv)
             x_btd = self.cross_attention_branch.post(x_btd, h_btd, **dropout_kw)
-        x_btd = self.mlp_branch.post(x_btd, self.mlp(self.mlp_branch.pre(x_btd)), **dropout_kw)
+        if mlp_btd is None:
+            mlp_btd = self.mlp(self.mlp_branch.pre(x_btd))
+        x_btd = self.mlp_branch.post(x_btd, mlp_btd, **dropout_kw)
         return x_btd if cache is None else (x_btd, LayerCache(self_kv, cross_kv))
+
+
+def remat(run_layer: Callable, policy: str, *, scanned: bool) -> Callable:
+    """`run_layer` under jax.checkpoint (model.remat): the backward pass recomputes each block's
+    activations instead of storing them, except what the policy saves (full: nothing but the
+    block's input; dots_saveable: the matmul outputs; any jax.checkpoint_policies name)."""
+    if policy == "none":
+        return run_layer
+    saveable = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+    # inside lax.scan the loop already keeps XLA from merging the recomputation back (JAX's advice)
+    return jax.checkpoint(run_layer, policy=saveable, prevent_cse=not scanned)
 
 
 class LayerStack(nnx.Module):
@@ -118,7 +138,8 @@ class LayerStack(nnx.Module):
         self.n_layers = n_layers
         self.scan = cfg.scan_layers
         self.sow_config = SowConfig()  # models/instrument.py
-        self.cache_heads = (cfg.n_heads, cfg.d_model // cfg.n_heads)
+        self.remat = cfg.remat
+        self.cache_heads = (cfg.kv_heads, cfg.head_size)  # grouped-query: only the kv heads
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(
@@ -139,7 +160,7 @@ class LayerStack(nnx.Module):
             return x_btd, nnx.pop(block, nnx.Intermediate)  # probes (Perturbation) included
 
         run = self._scanned if self.scan else self._unrolled
-        x_btd, sown = run(run_layer, x_btd, (state, keys))
+        x_btd, sown = run(remat(run_layer, self.remat, scanned=self.scan), x_btd, (state, keys))
         nnx.update(self.blocks, sown)  # (n_layers, ...) at the parameters' paths
         return x_btd
 

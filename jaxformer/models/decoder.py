@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
@@ -19,7 +18,7 @@ from jaxformer.models.attention import (
 )
 from jaxformer.models.blocks import DecodeCache, LayerStack
 from jaxformer.models.heads import ClassificationHead, Classifies
-from jaxformer.models.layers import Embed, Embeddings, make_norm, positions_like
+from jaxformer.models.layers import Embed, Embeddings, OutputHead, make_norm, positions_like
 
 
 def require_vocab(cfg: ModelConfig) -> int:
@@ -32,6 +31,7 @@ class Decoder(Classifies, nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.max_len = cfg.max_len
         self.embed = Embed(require_vocab(cfg), cfg.d_model, cfg, rngs=rngs)
+        self.lm_head = OutputHead(cfg, rngs=rngs)  # the tied table, or a kernel of its own
         self.embeddings = Embeddings(cfg, rngs=rngs)
         self.stack = LayerStack(cfg, cfg.n_layers, rngs=rngs)
         self.final_norm = make_norm(cfg, rngs=rngs) if cfg.use_final_norm else None
@@ -57,8 +57,8 @@ class Decoder(Classifies, nnx.Module):
         return x_btd if self.final_norm is None else self.final_norm(x_btd)
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
-        """Next-token logits (B, T, vocab), float32, from final hidden states (tied head)."""
-        return self.embed.attend(hidden_btd).astype(jnp.float32)
+        """Next-token logits (B, T, vocab), float32, from final hidden states."""
+        return self.lm_head(self.embed, hidden_btd)
 
     def __call__(
         self, tokens_bt: jax.Array, valid_bt: jax.Array | None = None, *,

@@ -13,7 +13,7 @@ from jaxformer.models.blocks import LayerStack
 from jaxformer.models.decoder import require_vocab
 from jaxformer.models.heads import ClassificationHead, Classifies
 from jaxformer.models.layers import (
-    ACTIVATION_FNS, Embed, Embeddings, axes, dense, layer_norm, make_norm, positions_like,
+    ACTIVATION_FNS, Embed, Embeddings, axes, dense, make_norm, norm_layer, positions_like,
 )
 
 
@@ -23,7 +23,7 @@ class MLMHead(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.transform = dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs, bias=True)
         self.activation = ACTIVATION_FNS[cfg.activation]
-        self.norm = layer_norm(cfg, rngs=rngs)
+        self.norm = norm_layer(cfg, rngs=rngs)
         self.bias = nnx.Param(jnp.zeros((require_vocab(cfg),), jnp.dtype(cfg.param_dtype)),
                               **axes("vocab"))
 

@@ -9,20 +9,20 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxformer.config import ModelConfig
 from jaxformer.models.attention import cache_mask, causal_mask, combine_masks, padding_mask
 from jaxformer.models.blocks import DecodeCache, LayerStack
 from jaxformer.models.decoder import require_vocab
-from jaxformer.models.layers import Embed, Embeddings, make_norm, positions_like
+from jaxformer.models.layers import Embed, Embeddings, OutputHead, make_norm, positions_like
 
 
 class EncoderDecoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.max_len = cfg.max_len
         self.embed = Embed(require_vocab(cfg), cfg.d_model, cfg, rngs=rngs)
+        self.lm_head = OutputHead(cfg, rngs=rngs)  # the tied table, or a kernel of its own
         self.encoder_embeddings = Embeddings(cfg, rngs=rngs)
         self.encoder = LayerStack(cfg, cfg.n_layers, rngs=rngs)
         self.encoder_norm = make_norm(cfg, rngs=rngs) if cfg.use_final_norm else None
@@ -70,8 +70,8 @@ class EncoderDecoder(nnx.Module):
         return self.logits(self.decode_vectors(y_btd, memory_bsd, src_valid_bs, **dropout_kw))
 
     def logits(self, hidden_btd: jax.Array) -> jax.Array:
-        """Next-token logits (B, T, vocab), float32, from decoder hidden states (tied head)."""
-        return self.embed.attend(hidden_btd).astype(jnp.float32)
+        """Next-token logits (B, T, vocab), float32, from decoder hidden states."""
+        return self.lm_head(self.embed, hidden_btd)
 
     def init_cache(self, batch: int, width: int, src_bs: jax.Array,
                    src_valid_bs: jax.Array | None = None) -> DecodeCache:

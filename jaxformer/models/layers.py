@@ -1,4 +1,5 @@
-"""Building blocks shared by every model family: embeddings, MLP, norms, positions, initialisers."""
+"""Building blocks shared by every model family: embeddings, output head, MLP (dense or gated),
+norms (LayerNorm or RMSNorm), positions, initialisers."""
 
 from __future__ import annotations
 
@@ -36,20 +37,28 @@ def dtypes(cfg: ModelConfig) -> dict:
     return {"dtype": jnp.dtype(cfg.dtype), "param_dtype": jnp.dtype(cfg.param_dtype)}
 
 
-def axes(*names: str) -> dict:
+def axes(*names: str, units: dict[str, int] | None = None) -> dict:
     """Variable metadata naming a parameter's logical axes (mapped to mesh axes by
-    jaxformer.parallel.LOGICAL_RULES). Placement happens where the train state is created under
-    jit with explicit shardings, never eagerly when a module is built."""
-    return {"out_sharding": names, "eager_sharding": False}
+    jaxformer.parallel.LOGICAL_RULES) and, in `units`, how many indivisible pieces an axis holds
+    (heads). Placement happens where the train state is created under jit with explicit
+    shardings, never eagerly when a module is built."""
+    # a tuple of pairs: metadata lives in the (hashed) graphdef
+    return {"out_sharding": names, "eager_sharding": False,
+            **({"shard_units": tuple(units.items())} if units else {})}
 
 
 def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool | None = None,
-          names: tuple[str, str] = ("embed", "features")):
+          names: tuple[str, str] = ("embed", "features"), units: dict[str, int] | None = None):
     """A Linear layer with the model's initialiser, dtypes and bias switch; `names` are the
     kernel's logical axes (in, out)."""
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias if bias is None else bias,
-                      kernel_init=dense_init(cfg), rngs=rngs, kernel_metadata=axes(*names),
-                      bias_metadata=axes(names[1]), **dtypes(cfg))
+                      kernel_init=dense_init(cfg), rngs=rngs, kernel_metadata=axes(*names, units=units),
+                      bias_metadata=axes(names[1], units=units), **dtypes(cfg))
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft cap, cap * tanh(x / cap): bounded in (-cap, cap), ~x where |x| << cap."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class Embed(nnx.Module):
@@ -73,32 +82,69 @@ class Embed(nnx.Module):
         return constrain(logits_btv, ("act_batch", "act_length", "act_vocab"))
 
 
-class MLP(nnx.Module):
-    """Position-wise feed-forward: d_model -> d_ff -> activation -> d_model."""
+class OutputHead(nnx.Module):
+    """Next-token logits (B, T, vocab), float32, from final hidden states: through the token table
+    (model.tie_embeddings, GPT-2 / T5) or a projection of its own (`lm_head`, Llama), then the
+    optional final soft cap (Gemma 2). The models hold it as `lm_head` only when untied."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.up = dense(cfg, cfg.d_model, cfg.d_ff, rngs=rngs, names=("embed", "mlp"))
-        self.down = dense(cfg, cfg.d_ff, cfg.d_model, rngs=rngs, names=("mlp", "embed"))
+        self.kernel = None if cfg.tie_embeddings else nnx.Param(
+            dense_init(cfg)(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.dtype(cfg.param_dtype)),
+            **axes("embed", "vocab"))
+        self.cap = cfg.final_logit_softcap
+
+    def __call__(self, embed: Embed, hidden_btd: jax.Array) -> jax.Array:
+        if self.kernel is None:
+            logits_btv = embed.attend(hidden_btd)
+        else:
+            logits_btv = hidden_btd @ self.kernel[...].astype(hidden_btd.dtype)
+            logits_btv = constrain(logits_btv, ("act_batch", "act_length", "act_vocab"))
+        return softcap(logits_btv.astype(jnp.float32), self.cap)
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward. dense: down(act(up(x))); glu (Shazeer 2020): down(act(gate(x))
+    * up(x)), so relu / gelu / silu / sigmoid give ReGLU / GEGLU / SwiGLU / GLU. The hidden width is
+    model.mlp_hidden (2/3 of d_ff for a parameter-matched glu)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        hidden = cfg.mlp_hidden
+        self.gate = (dense(cfg, cfg.d_model, hidden, rngs=rngs, names=("embed", "mlp"))
+                     if cfg.mlp == "glu" else None)
+        self.up = dense(cfg, cfg.d_model, hidden, rngs=rngs, names=("embed", "mlp"))
+        self.down = dense(cfg, hidden, cfg.d_model, rngs=rngs, names=("mlp", "embed"))
         self.activation = ACTIVATION_FNS[cfg.activation]
         self.activation_name = cfg.activation
         self.sow_config = SowConfig()  # models/instrument.py
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        pre_btf = constrain(self.up(x_btd), ("act_batch", "act_length", "act_mlp"))
-        hidden_btf = self.activation(pre_btf)
-        self.sow_config.maybe_sow_activation_stats(self, pre_btf, hidden_btf)
-        return self.down(hidden_btf)
+        up_btf = constrain(self.up(x_btd), ("act_batch", "act_length", "act_mlp"))
+        # the activation's input: the up projection, or the gate of a gated MLP
+        pre_btf = (up_btf if self.gate is None
+                   else constrain(self.gate(x_btd), ("act_batch", "act_length", "act_mlp")))
+        activated_btf = self.activation(pre_btf)
+        self.sow_config.maybe_sow_activation_stats(self, pre_btf, activated_btf)
+        return self.down(activated_btf if self.gate is None else activated_btf * up_btf)
 
 
 def make_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module | None:
+    """A block's or stack's norm: none when model.norm=none."""
     if cfg.norm == "none":
         return None
-    return layer_norm(cfg, rngs=rngs)
+    return norm_layer(cfg, rngs=rngs)
 
 
-def layer_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(cfg.d_model, epsilon=cfg.layer_norm_eps, rngs=rngs,
-                         scale_metadata=axes("embed"), bias_metadata=axes("embed"), **dtypes(cfg))
+def norm_layer(cfg: ModelConfig, features: int | None = None, axis_name: str = "embed", *,
+               rngs: nnx.Rngs) -> nnx.LayerNorm | nnx.RMSNorm:
+    """model.norm_type over the last axis (d_model unless `features`): LayerNorm (centre, scale,
+    shift) or RMSNorm (scale only: x / rms(x) * g, Zhang & Sennrich 2019)."""
+    features = features or cfg.d_model
+    if cfg.norm_type == "rmsnorm":
+        return nnx.RMSNorm(features, epsilon=cfg.layer_norm_eps, rngs=rngs,
+                           scale_metadata=axes(axis_name), **dtypes(cfg))
+    return nnx.LayerNorm(features, epsilon=cfg.layer_norm_eps, rngs=rngs,
+                         scale_metadata=axes(axis_name), bias_metadata=axes(axis_name),
+                         **dtypes(cfg))
 
 
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
@@ -164,7 +210,7 @@ class Embeddings(nnx.Module):
                                  jnp.dtype(cfg.param_dtype)), **axes("types", "embed"))
             if cfg.type_vocab_size else None
         )
-        self.norm = layer_norm(cfg, rngs=rngs) if cfg.embed_norm else None
+        self.norm = norm_layer(cfg, rngs=rngs) if cfg.embed_norm else None
         self.dropout = nnx.Dropout(cfg.dropout)
         self.max_len = cfg.max_len
 

@@ -78,8 +78,10 @@ def check_parallelism(cfg: TrainConfig, model_cfg: ModelConfig, mesh: Mesh) -> N
     if model_cfg.n_heads % tensor:
         raise UserError(f"model.n_heads={model_cfg.n_heads} is not divisible by "
                         f"mesh.tensor={tensor}: tensor parallelism splits whole heads")
-    if model_cfg.d_ff % tensor:
-        raise UserError(f"model.d_ff={model_cfg.d_ff} is not divisible by mesh.tensor={tensor}")
+    if model_cfg.mlp_hidden % tensor:
+        raise UserError(f"the MLP's hidden width {model_cfg.mlp_hidden} (model.d_ff="
+                        f"{model_cfg.d_ff}, model.mlp={model_cfg.mlp}) is not divisible by "
+                        f"mesh.tensor={tensor}")
 
 
 def prepare(cfg: TrainConfig, run_dir: Path) -> Prepared:
