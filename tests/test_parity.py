@@ -243,11 +243,12 @@ def test_llama_state_dict_matches_hf_logits(hf_llamas, tokens_bt):
 def test_bfloat16_llama_folder_loads(hf_llamas, tokens_bt, tmp_path):
     """Llama and Qwen3 ship bfloat16 safetensors, which numpy cannot read: the weights arrive
     exactly (bfloat16 -> float32 is exact), so logits match the rounded reference."""
-    reference = copy.deepcopy(hf_llamas["llama"][0]).to(torch.bfloat16)
-    reference.save_pretrained(tmp_path, safe_serialization=True)
+    copy.deepcopy(hf_llamas["llama"][0]).to(torch.bfloat16).save_pretrained(
+        tmp_path, safe_serialization=True)
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     decoder = load_hf_decoder(tmp_path)
-    assert_close(run_model(decoder, jnp.asarray(tokens_bt)),
-                 hf_logits(reference.to(torch.float32), tokens_bt), "bfloat16 llama -> Decoder")
+    assert_close(run_model(decoder, jnp.asarray(tokens_bt)), hf_logits(reference.eval(), tokens_bt),
+                 "bfloat16 llama -> Decoder")
 
 
 def llama_shaped_config(**changes) -> ModelConfig:
@@ -279,11 +280,11 @@ def test_decoder_exports_to_llama_and_back(tokens_bt, tmp_path, case, changes):
     np.testing.assert_array_equal(run_model(reloaded, jnp.asarray(tokens_bt)), logits_btv)
 
 
-def llama_folder(root: Path, model_type: str = "llama", **changes) -> Path:
+def llama_folder(root: Path, family: str = "llama", **changes) -> Path:
     """A Llama / Qwen3 folder without weights (a config check must fire before the read)."""
     folder = root / "model"
     folder.mkdir()
-    config = {**hf_causal_lm_config(model_type).to_dict(), **changes}
+    config = {**hf_causal_lm_config(family).to_dict(), **changes}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 

@@ -31,14 +31,14 @@ from jaxformer.errors import UserError
 from jaxformer.data.pipeline import train_iterator
 from jaxformer.objectives import OBJECTIVES
 from jaxformer.data.tasks import build_task
-from jaxformer.data.tokenizers import NUM_SPECIAL, char_tokenizer
+from jaxformer.data.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, char_tokenizer
 from jaxformer.runs import restore_run
 from jaxformer.interop import read_hf_decoder, save_hf_decoder
 from jaxformer.interop.params import model_params
 from jaxformer.models import build_model
 from jaxformer.parallel import make_mesh, use_mesh
 from jaxformer.training.finetune import freeze_plan, freeze_plan_for
-from jaxformer.training.init_from import apply_init, plan_init
+from jaxformer.training.init_from import apply_init, plan_init, token_rows
 from jaxformer.training.loop import train
 from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.models import split_model
@@ -93,6 +93,17 @@ def test_head_only_freezes_everything_but_the_head():
     assert {path for path, label in labels.items() if label != "frozen"} == {
         "classifier.out.kernel", "classifier.out.bias"}
     assert plan.multipliers == {"head": 1.0}
+
+
+def test_an_untied_output_head_is_in_the_head_group():
+    """A Llama-style decoder's lm_head (model.tie_embeddings=false) trains with the head group."""
+    model_cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=8, vocab_size=12,
+                            tie_embeddings=False)
+    plan = freeze_plan(FinetuneConfig(freeze=["embeddings"]), model_cfg)
+    abstract = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))[1]
+    labels = {".".join(dict_names(path)): label
+              for path, label in jax.tree_util.tree_leaves_with_path(plan.labels(abstract))}
+    assert labels["lm_head.kernel"] == "head" and labels["embed.embedding"] == "frozen"
 
 
 def test_sharded_finetuning_loads_and_trains_as_on_one_device(pretrained, finetuned, tmp_path):
@@ -262,6 +273,21 @@ def test_llama_folder_starts_a_decoder_by_token(tmp_path):
             np.testing.assert_array_equal(head[:, row], source["lm_head.kernel"][:, source_row])
     kernel = state.params["stack"]["blocks"]["mlp"]["gate"]["kernel"].get_value()
     np.testing.assert_array_equal(kernel, source["stack.blocks.mlp.gate.kernel"])
+
+
+@pytest.mark.parametrize("source_specials, bos, eos", [
+    (["<unk>", "<s>", "</s>"], "<s>", "</s>"),  # Llama 1 / 2
+    (["<|begin_of_text|>", "<|end_of_text|>", "<s>"], "<|begin_of_text|>", "<|end_of_text|>"),
+    (["<s>", "<|endoftext|>", "<|im_end|>"], "<|endoftext|>", "<|endoftext|>"),  # Qwen3, GPT-2
+], ids=["llama2", "llama3", "qwen3"])
+def test_special_tokens_find_the_sources_names(source_specials, bos, eos):
+    """A byte-level BPE may hold "<s>" as plain text: the reserved names win over it."""
+    vocab = {token: i for i, token in enumerate([*source_specials, "a", "b"])}
+    source = Tokenizer(models.WordLevel(vocab, unk_token=source_specials[0]))
+    target = char_tokenizer("ab")
+    rows = token_rows(target, target.get_vocab_size(), source, len(vocab)).tolist()
+    assert rows[BOS_ID] == vocab[bos] and rows[EOS_ID] == vocab[eos]
+    assert rows[NUM_SPECIAL:] == [vocab["a"], vocab["b"]] and rows[PAD_ID] == -1
 
 
 def test_minilm_folder_fills_an_encoder_classifier_body():

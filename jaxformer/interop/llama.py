@@ -19,8 +19,7 @@ import numpy as np
 from jaxformer.config import ModelConfig
 from jaxformer.interop.params import (
     HF_ACTIVATIONS, HF_EXPORT_ACTIVATIONS, InteropError, Link, linear, make_config,
-    model_from_params, model_params, norm, param_shapes, params_from_tensors, params_to_links,
-    require,
+    model_from_params, model_params, norm, params_from_tensors, params_to_links, require,
 )
 from jaxformer.models.decoder import Decoder
 
@@ -99,9 +98,9 @@ def rope_theta_of(config: dict, origin: str) -> float:
     return float(rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA)))
 
 
-def model_config_to_llama_config(cfg: ModelConfig, intermediate_size: int) -> dict:
-    """The Llama (or, with qk_norm, Qwen3) config.json of a decoder config whose MLP hidden size
-    is `intermediate_size`; refuses switches Llama cannot express."""
+def model_config_to_llama_config(cfg: ModelConfig) -> dict:
+    """The Llama (or, with qk_norm, Qwen3) config.json of a decoder config; refuses switches
+    Llama cannot express. intermediate_size is the glu's hidden width (model.mlp_hidden)."""
     model_type = "qwen3" if cfg.qk_norm else "llama"
     origin = f"{ARCHITECTURES[model_type]} export"
     require(origin, "model.kind", cfg.kind, ("decoder",))
@@ -121,13 +120,12 @@ def model_config_to_llama_config(cfg: ModelConfig, intermediate_size: int) -> di
                 f": {model_type} is pre-RMSNorm with a final norm, rope, a gated MLP, no "
                 "embedding norm, token types, parallel blocks or soft caps"
                 + (", no biases" if cfg.qk_norm else ""))
-    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
     hf_config = {
         "model_type": model_type, "architectures": [ARCHITECTURES[model_type]],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-        "intermediate_size": intermediate_size, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-        "head_dim": head_dim, "hidden_act": HF_EXPORT_ACTIVATIONS[cfg.activation],
+        "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size, "hidden_act": HF_EXPORT_ACTIVATIONS[cfg.activation],
         "max_position_embeddings": cfg.max_len, "rms_norm_eps": cfg.layer_norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
@@ -185,10 +183,7 @@ def decoder_to_llama(model: Decoder, cfg: ModelConfig) -> tuple[dict[str, np.nda
     """(state dict of float32 numpy arrays with LlamaForCausalLM's (Qwen3ForCausalLM's, when
     qk_norm) names, its config dict). A tied head writes no lm_head.weight, as transformers'
     own save_pretrained does."""
-    # the glu hidden size (d_ff, or about 2/3 of it with glu_param_matched) is the gate's width;
-    # a model without a gate (mlp=dense) is refused by the config check, before any weight is read
-    gate = param_shapes(model).get("stack.blocks.mlp.gate.kernel", (cfg.d_ff,))
-    hf_config = model_config_to_llama_config(cfg, intermediate_size=gate[-1])
+    hf_config = model_config_to_llama_config(cfg)  # refuses before any weight is read
     origin = f"{ARCHITECTURES[hf_config['model_type']]} export"
     tensors = params_to_links(model_params(model), llama_links(cfg), origin=origin, out_in=True)
     return tensors, hf_config

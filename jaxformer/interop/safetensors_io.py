@@ -56,8 +56,9 @@ def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path in files:
         with safe_open(path, framework="numpy") as f:
-            bf16 = {k for k in f.keys() if f.get_slice(k).get_dtype() == "BF16"}
-            tensors.update({k: f.get_tensor(k) for k in f.keys() if k not in bf16})
+            names = f.keys()
+            bf16 = {k for k in names if f.get_slice(k).get_dtype() == "BF16"}
+            tensors.update({k: f.get_tensor(k) for k in names if k not in bf16})
         if bf16:
             with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
                 tensors.update({k: np.asarray(f.get_tensor(k)) for k in bf16})
