@@ -112,16 +112,23 @@ def test_cli_multirun_sweep(tmp_path):
     assert all(records(run, "eval") for run in runs)
 
 
+LLAMA_SWITCHES = {"positions": "rope", "norm_type": "rmsnorm", "final_norm": True, "mlp": "glu",
+                  "activation": "silu", "n_kv_heads": 1, "bias": False, "tie_embeddings": False}
+
+
 @pytest.mark.parametrize(
     "kind, task, objective",
     [("encoder", "is_sorted", "classification"), ("encoder", "reverse", "mlm"),
-     ("encoder_decoder", "reverse", "seq2seq"), ("decoder", "sort", "clm")],
+     ("encoder_decoder", "reverse", "seq2seq"), ("decoder", "sort", "clm"),
+     ("llama", "sort", "clm")],
 )
 def test_every_family_trains_from_the_same_config_tree(tmp_path, kind, task, objective):
-    """A 'has a pulse' run per model family and objective: loss falls, eval and checkpoint happen."""
+    """A 'has a pulse' run per model family and objective: loss falls, eval and checkpoint happen.
+    `llama`: the decoder with every step-12 switch of conf/model/llama.yaml."""
+    model = ({"kind": "decoder", **LLAMA_SWITCHES} if kind == "llama" else {"kind": kind})
     config = replace(
         tiny_config(steps=30, eval_every=30, checkpoint_every=30, log_every=10),
-        model={"kind": kind, "max_len": 24}, optim={"lr": 3e-3, "warmup_steps": 5},
+        model={**model, "max_len": 24}, optim={"lr": 3e-3, "warmup_steps": 5},
         task={"name": task, "max_length": 5, "eval_size": 32},
     )
     result = train(config, tmp_path)
