@@ -1,11 +1,14 @@
 """Numerical parity with reference implementations (float32, max abs difference <= 1e-4):
-BERT (all-MiniLM-L6-v2 via transformers and sentence-transformers), GPT-2 both ways, and
-torch.nn.Transformer; plus the one-line refusals of folders and configs that do not map."""
+BERT (all-MiniLM-L6-v2 via transformers and sentence-transformers), GPT-2, Llama and Qwen3 both
+ways, and torch.nn.Transformer; plus the one-line refusals of folders and configs that do not
+map."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,8 +26,8 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from jaxformer.config import ModelConfig  # noqa: E402
 from jaxformer.interop import (  # noqa: E402
-    InteropError, bert_to_encoder, decoder_to_gpt2, gpt2_to_decoder, load_hf_decoder,
-    load_hf_encoder, save_hf_decoder, torch_transformer_to_encoder_decoder,
+    InteropError, bert_to_encoder, decoder_to_gpt2, gpt2_to_decoder, llama_to_decoder,
+    load_hf_decoder, load_hf_encoder, save_hf_decoder, torch_transformer_to_encoder_decoder,
 )
 from jaxformer.models import build_model  # noqa: E402
 
@@ -143,7 +146,8 @@ def tokens_bt() -> np.ndarray:
     return np.random.default_rng(0).integers(0, GPT2_SIZES["vocab_size"], size=(3, 16))
 
 
-def gpt2_logits(model, tokens_bt: np.ndarray) -> np.ndarray:
+def hf_logits(model, tokens_bt: np.ndarray) -> np.ndarray:
+    """A transformers causal LM's logits (B, T, vocab)."""
     with torch.no_grad():
         return model(torch.from_numpy(tokens_bt)).logits.numpy()
 
@@ -159,7 +163,7 @@ def hf_gpt2() -> transformers.GPT2LMHeadModel:
 def test_gpt2_to_decoder_matches_hf_logits(hf_gpt2, tokens_bt, scan_layers):
     decoder = gpt2_to_decoder(numpy_state_dict(hf_gpt2), hf_gpt2.config.to_dict(),
                               scan_layers=scan_layers)
-    assert_close(run_model(decoder, jnp.asarray(tokens_bt)), gpt2_logits(hf_gpt2, tokens_bt),
+    assert_close(run_model(decoder, jnp.asarray(tokens_bt)), hf_logits(hf_gpt2, tokens_bt),
                  f"GPT-2 -> Decoder logits (scan_layers={scan_layers})")
 
 
@@ -172,10 +176,156 @@ def test_decoder_exports_to_gpt2_and_back(tokens_bt, tmp_path, scan_layers):
     logits_btv = np.asarray(run_model(decoder, jnp.asarray(tokens_bt)))
     save_hf_decoder(decoder, cfg, tmp_path)
     exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    assert_close(logits_btv, gpt2_logits(exported, tokens_bt),
+    assert_close(logits_btv, hf_logits(exported, tokens_bt),
                  f"Decoder -> GPT-2 logits (scan_layers={scan_layers})")
     reloaded = load_hf_decoder(tmp_path, scan_layers=scan_layers)
     np.testing.assert_array_equal(run_model(reloaded, jnp.asarray(tokens_bt)), logits_btv)
+
+
+# --- Llama and Qwen3 ---------------------------------------------------------------------------
+# grouped-query attention (4 query heads, 2 kv heads); Qwen3 with head_dim 16 != hidden / heads
+LLAMA_SIZES = dict(vocab_size=GPT2_SIZES["vocab_size"], hidden_size=32, intermediate_size=48,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=16, rms_norm_eps=1e-6)
+HF_CAUSAL_LMS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),
+}
+LLAMA_CASES = {  # name -> (model_type, config changes)
+    "llama": ("llama", {"tie_word_embeddings": False}),
+    "llama_bias_tied": ("llama", {"tie_word_embeddings": True, "attention_bias": True,
+                                  "mlp_bias": True}),
+    "qwen3": ("qwen3", {"tie_word_embeddings": False,
+                        "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}}),
+    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}),
+}
+
+
+def hf_causal_lm_config(model_type: str, **changes) -> transformers.PretrainedConfig:
+    config_class, _, sizes = HF_CAUSAL_LMS[model_type]
+    return config_class(**{**LLAMA_SIZES, **sizes, **changes})
+
+
+@pytest.fixture(scope="module")
+def hf_llamas(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
+    """case -> (a perturbed random transformers model, the folder save_pretrained wrote)."""
+    models = {}
+    for case, (model_type, changes) in LLAMA_CASES.items():
+        torch.manual_seed(0)
+        model_class = HF_CAUSAL_LMS[model_type][1]
+        reference = perturb_torch(model_class(hf_causal_lm_config(model_type, **changes)))
+        folder = tmp_path_factory.mktemp(case)
+        reference.save_pretrained(folder, safe_serialization=True)
+        models[case] = reference, folder
+    return models
+
+
+@pytest.mark.parametrize("case, scan_layers", [
+    ("llama", True), ("llama", False), ("qwen3", True), ("qwen3", False),
+    ("llama_bias_tied", True), ("qwen3_tied", True),
+], ids=["llama-scan", "llama-unrolled", "qwen3-scan", "qwen3-unrolled", "llama_bias_tied-scan",
+        "qwen3_tied-scan"])
+def test_llama_folder_matches_hf_logits(hf_llamas, tokens_bt, case, scan_layers):
+    reference, folder = hf_llamas[case]
+    decoder = load_hf_decoder(folder, scan_layers=scan_layers)
+    assert_close(run_model(decoder, jnp.asarray(tokens_bt)), hf_logits(reference, tokens_bt),
+                 f"{case} -> Decoder logits (scan_layers={scan_layers})")
+
+
+def test_llama_state_dict_matches_hf_logits(hf_llamas, tokens_bt):
+    """The state-dict route; a tied model's state dict also holds lm_head.weight (ignored)."""
+    reference, _ = hf_llamas["qwen3_tied"]
+    decoder = llama_to_decoder(numpy_state_dict(reference), reference.config.to_dict())
+    assert_close(run_model(decoder, jnp.asarray(tokens_bt)), hf_logits(reference, tokens_bt),
+                 "qwen3_tied state dict -> Decoder logits")
+
+
+def test_bfloat16_llama_folder_loads(hf_llamas, tokens_bt, tmp_path):
+    """Llama and Qwen3 ship bfloat16 safetensors, which numpy cannot read: the weights arrive
+    exactly (bfloat16 -> float32 is exact), so logits match the rounded reference."""
+    copy.deepcopy(hf_llamas["llama"][0]).to(torch.bfloat16).save_pretrained(
+        tmp_path, safe_serialization=True)
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    decoder = load_hf_decoder(tmp_path)
+    assert_close(run_model(decoder, jnp.asarray(tokens_bt)), hf_logits(reference.eval(), tokens_bt),
+                 "bfloat16 llama -> Decoder")
+
+
+def llama_shaped_config(**changes) -> ModelConfig:
+    return ModelConfig(**{**dict(
+        kind="decoder", vocab_size=GPT2_SIZES["vocab_size"], d_model=32, n_heads=4, n_kv_heads=2,
+        n_layers=2, d_ff=48, max_len=16, activation="silu", positions="rope", norm_type="rmsnorm",
+        mlp="glu", glu_param_matched=False, bias=False, tie_embeddings=False, layer_norm_eps=1e-6,
+    ), **changes})
+
+
+@pytest.mark.parametrize("case, changes", [
+    ("llama-scan", {}),
+    ("llama-unrolled", {"scan_layers": False}),
+    # Qwen3: qk norm, head_dim 16, tied, and the parameter-matched glu width (about 2/3 of d_ff)
+    ("qwen3-scan", {"qk_norm": True, "head_dim": 16, "tie_embeddings": True,
+                    "glu_param_matched": True, "d_ff": 72, "rope_theta": 5000.0}),
+    ("qwen3-unrolled", {"qk_norm": True, "head_dim": 16, "scan_layers": False}),
+])
+def test_decoder_exports_to_llama_and_back(tokens_bt, tmp_path, case, changes):
+    cfg = llama_shaped_config(**changes)
+    decoder = random_model(cfg, seed=1)
+    logits_btv = np.asarray(run_model(decoder, jnp.asarray(tokens_bt)))
+    save_hf_decoder(decoder, cfg, tmp_path)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model_type = "qwen3" if cfg.qk_norm else "llama"
+    assert isinstance(exported, HF_CAUSAL_LMS[model_type][1])
+    assert_close(logits_btv, hf_logits(exported, tokens_bt), f"Decoder -> {case} logits")
+    reloaded = load_hf_decoder(tmp_path, scan_layers=cfg.scan_layers)
+    np.testing.assert_array_equal(run_model(reloaded, jnp.asarray(tokens_bt)), logits_btv)
+
+
+def llama_folder(root: Path, family: str = "llama", **changes) -> Path:
+    """A Llama / Qwen3 folder without weights (a config check must fire before the read)."""
+    folder = root / "model"
+    folder.mkdir()
+    config = {**hf_causal_lm_config(family).to_dict(), **changes}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("model_type, changes, message", [
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     "rope_scaling={'rope_type': 'linear', 'factor': 2.0} is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+     "rope_parameters.rope_type='llama3' is not supported"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 8},
+     "use_sliding_window=True is not supported"),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]},
+     "layer_types holds 'sliding_attention'"),
+    ("llama", {"attention_bias": True}, "attention_bias=True but mlp_bias=False"),
+    ("qwen3", {"attention_bias": True}, "attention_bias=True but mlp_bias=False"),
+    ("llama", {"hidden_act": "quick_gelu"}, "hidden_act='quick_gelu' is not supported"),
+    ("llama", {"model_type": "mistral"}, "model_type='mistral' is not supported"),
+    ("llama", {}, "no model.safetensors"),
+], ids=["rope_scaling", "llama3_rope", "sliding_window", "sliding_layers", "llama_bias",
+        "qwen3_bias", "unknown_act", "mistral", "no_weights"])
+def test_unmappable_llama_folder_raises_one_line(tmp_path, model_type, changes, message):
+    folder = llama_folder(tmp_path, model_type, **changes)
+    with pytest.raises(InteropError, match=re.escape(message)) as caught:
+        load_hf_decoder(folder)
+    assert str(folder) in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"norm_type": "layernorm"}, "model.norm_type='layernorm' is not supported"),
+    ({"qk_norm": True, "bias": True}, "model.bias=True is not supported"),  # Qwen3's MLP: no bias
+    ({"final_logit_softcap": 30.0}, "model.final_logit_softcap=30.0 is not supported"),
+    ({"mlp": "dense"}, "model.mlp='dense' is not supported"),
+    ({"norm_type": "layernorm", "mlp": "dense", "positions": "learned", "bias": True,
+      "tie_embeddings": True},  # GPT-2-shaped but for its grouped heads
+     "GPT-2 export: model.n_kv_heads=2 is not supported"),
+])
+def test_decoder_export_refuses_what_llama_cannot_express(tmp_path, changes, message):
+    cfg = llama_shaped_config(**changes)
+    with pytest.raises(InteropError, match=re.escape(message)) as caught:
+        save_hf_decoder(nnx.eval_shape(lambda: build_model(cfg, seed=0)), cfg, tmp_path)
+    assert "\n" not in str(caught.value) and not (tmp_path / "config.json").exists()
 
 
 # --- torch.nn.Transformer ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Transfer learning: init_from (run dirs, GPT-2 and BERT folders), the load report, frozen
+"""Transfer learning: init_from (run dirs, GPT-2, Llama and BERT folders), the load report, frozen
 groups and lower blocks, per-group learning rates, the decoder classifier, and one-line errors."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 from hydra import compose, initialize_config_dir
+from tokenizers import Tokenizer, models
 
 from helpers import (
     REPO, classify, finetune, finetuned_config, read_losses, replace, run_module,
@@ -30,14 +31,14 @@ from jaxformer.errors import UserError
 from jaxformer.data.pipeline import train_iterator
 from jaxformer.objectives import OBJECTIVES
 from jaxformer.data.tasks import build_task
-from jaxformer.data.tokenizers import char_tokenizer
+from jaxformer.data.tokenizers import BOS_ID, EOS_ID, NUM_SPECIAL, PAD_ID, char_tokenizer
 from jaxformer.runs import restore_run
 from jaxformer.interop import read_hf_decoder, save_hf_decoder
 from jaxformer.interop.params import model_params
 from jaxformer.models import build_model
 from jaxformer.parallel import make_mesh, use_mesh
 from jaxformer.training.finetune import freeze_plan, freeze_plan_for
-from jaxformer.training.init_from import apply_init, plan_init
+from jaxformer.training.init_from import apply_init, plan_init, token_rows
 from jaxformer.training.loop import train
 from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.models import split_model
@@ -92,6 +93,17 @@ def test_head_only_freezes_everything_but_the_head():
     assert {path for path, label in labels.items() if label != "frozen"} == {
         "classifier.out.kernel", "classifier.out.bias"}
     assert plan.multipliers == {"head": 1.0}
+
+
+def test_an_untied_output_head_is_in_the_head_group():
+    """A Llama-style decoder's lm_head (model.tie_embeddings=false) trains with the head group."""
+    model_cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=8, vocab_size=12,
+                            tie_embeddings=False)
+    plan = freeze_plan(FinetuneConfig(freeze=["embeddings"]), model_cfg)
+    abstract = split_model(nnx.eval_shape(lambda: build_model(model_cfg, 0)))[1]
+    labels = {".".join(dict_names(path)): label
+              for path, label in jax.tree_util.tree_leaves_with_path(plan.labels(abstract))}
+    assert labels["lm_head.kernel"] == "head" and labels["embed.embedding"] == "frozen"
 
 
 def test_sharded_finetuning_loads_and_trains_as_on_one_device(pretrained, finetuned, tmp_path):
@@ -180,6 +192,23 @@ def test_lr_multipliers_scale_each_groups_step():
 
 
 # -- Hugging Face folders -------------------------------------------------------------------------
+def init_from_folder(config):
+    """(the init plan, the fresh values of the parameters, the state after apply_init, its layout)
+    of `config`'s init_from, in the sharded state the loop builds."""
+    task = build_task(config.task)
+    model_cfg = dataclasses.replace(config.model, vocab_size=task.tokenizer.get_vocab_size())
+    mesh = make_mesh(config.mesh)
+    with use_mesh(mesh):
+        tx = make_optimizer(config.optim, 10, freeze_plan_for(config.finetune, model_cfg))
+        layout = state_layout(model_cfg, tx, config.seed, mesh)
+        plan = plan_init(config.finetune, model_cfg, task.tokenizer, layout.abstract.params)
+        fresh = init_train_state(model_cfg, tx, config.seed, layout.shardings)
+        fresh_values = {path: np.asarray(value) for path, value in traverse_util.flatten_dict(
+            nnx.to_pure_dict(fresh.params), sep=".").items()}
+        state = apply_init(fresh, plan)
+    return plan, fresh_values, state, layout
+
+
 def test_gpt2_folder_of_another_alphabet_loads_rows_by_token(tmp_path):
     """A GPT-2 folder whose tokenizer is addition's ("0-9+=") starts a sort decoder over
     "0-9a=": "=" is id 16 in both, but "a" (id 15 here) has no source row, so it keeps its fresh
@@ -189,17 +218,9 @@ def test_gpt2_folder_of_another_alphabet_loads_rows_by_token(tmp_path):
     source_cfg = dataclasses.replace(config.model, vocab_size=source_tokenizer.get_vocab_size())
     save_hf_decoder(build_model(source_cfg, seed=3), source_cfg, tmp_path / "gpt2",
                     tokenizer=source_tokenizer)
-    config = finetune(config, init_from=str(tmp_path / "gpt2"))
-    task = build_task(config.task)
-    model_cfg = dataclasses.replace(config.model, vocab_size=task.tokenizer.get_vocab_size())
-    mesh = make_mesh(config.mesh)
-    with use_mesh(mesh):
-        tx = make_optimizer(config.optim, 10, freeze_plan_for(config.finetune, model_cfg))
-        layout = state_layout(model_cfg, tx, config.seed, mesh)
-        plan = plan_init(config.finetune, model_cfg, task.tokenizer, layout.abstract.params)
-        fresh = init_train_state(model_cfg, tx, config.seed, layout.shardings)
-        fresh_table = np.asarray(fresh.params["embed"]["embedding"].get_value())
-        state = apply_init(fresh, plan)
+    plan, fresh, state, layout = init_from_folder(
+        finetune(config, init_from=str(tmp_path / "gpt2")))
+    fresh_table = fresh["embed.embedding"]
     assert "loaded by token: embed.embedding (16 of 17 rows; new: 'a')" in "\n".join(plan.report())
     source = read_hf_decoder(tmp_path / "gpt2")[1]
     table = np.asarray(state.params["embed"]["embedding"].get_value())
@@ -210,6 +231,63 @@ def test_gpt2_folder_of_another_alphabet_loads_rows_by_token(tmp_path):
     np.testing.assert_array_equal(kernel, source["stack.blocks.mlp.up.kernel"])
     assert kernel.sharding == layout.shardings.params["stack"]["blocks"]["mlp"]["up"][
         "kernel"].get_value()
+
+
+# a Llama-shaped decoder: RMSNorm, SwiGLU, rope, grouped-query attention, an untied output head
+LLAMA_SHAPE = {"norm_type": "rmsnorm", "mlp": "glu", "glu_param_matched": False,
+               "positions": "rope", "activation": "silu", "n_kv_heads": 1, "bias": False,
+               "tie_embeddings": False}
+
+
+def test_llama_folder_starts_a_decoder_by_token(tmp_path):
+    """A Llama folder (LlamaForCausalLM's layout, as save_hf_decoder writes it) whose tokenizer
+    has Llama's specials <unk> <s> </s> and the sort alphabet in reverse order: every tensor
+    loads; the token table and the untied lm_head by token string (<bos> <eos> <unk> find <s>
+    </s> <unk>), <pad> and <mask> have no counterpart and keep their fresh rows."""
+    config = replace(sort_config(), model=LLAMA_SHAPE)
+    target = build_task(config.task).tokenizer
+    alphabet = [target.id_to_token(i) for i in range(NUM_SPECIAL, target.get_vocab_size())]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2,
+             **{token: 3 + i for i, token in enumerate(reversed(alphabet))}}
+    source_cfg = dataclasses.replace(config.model, vocab_size=len(vocab))
+    save_hf_decoder(build_model(source_cfg, seed=3), source_cfg, tmp_path / "llama",
+                    tokenizer=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")))
+    assert json.loads((tmp_path / "llama" / "config.json").read_text())["model_type"] == "llama"
+    plan, fresh, state, _ = init_from_folder(finetune(config, init_from=str(tmp_path / "llama")))
+    # <pad> <bos> <eos> <unk> <mask>, then the alphabet
+    rows = [-1, 1, 2, 0, -1] + [vocab[token] for token in alphabet]
+    assert {path: rows_.tolist() for path, (_, rows_) in plan.vocab_rows.items()} == {
+        "embed.embedding": rows, "lm_head.kernel": rows}
+    assert plan.vocab_rows["lm_head.kernel"][0] == 1  # (d_model, vocab): rows along axis 1
+    assert not plan.new and not plan.skipped and not plan.reinitialised
+    source = read_hf_decoder(tmp_path / "llama")[1]
+    assert set(plan.loaded) == set(source) - {"embed.embedding", "lm_head.kernel"}
+    table = np.asarray(state.params["embed"]["embedding"].get_value())
+    head = np.asarray(state.params["lm_head"]["kernel"].get_value())
+    for row, source_row in enumerate(rows):
+        if source_row < 0:
+            np.testing.assert_array_equal(table[row], fresh["embed.embedding"][row])
+            np.testing.assert_array_equal(head[:, row], fresh["lm_head.kernel"][:, row])
+        else:
+            np.testing.assert_array_equal(table[row], source["embed.embedding"][source_row])
+            np.testing.assert_array_equal(head[:, row], source["lm_head.kernel"][:, source_row])
+    kernel = state.params["stack"]["blocks"]["mlp"]["gate"]["kernel"].get_value()
+    np.testing.assert_array_equal(kernel, source["stack.blocks.mlp.gate.kernel"])
+
+
+@pytest.mark.parametrize("source_specials, bos, eos", [
+    (["<unk>", "<s>", "</s>"], "<s>", "</s>"),  # Llama 1 / 2
+    (["<|begin_of_text|>", "<|end_of_text|>", "<s>"], "<|begin_of_text|>", "<|end_of_text|>"),
+    (["<s>", "<|endoftext|>", "<|im_end|>"], "<|endoftext|>", "<|endoftext|>"),  # Qwen3, GPT-2
+], ids=["llama2", "llama3", "qwen3"])
+def test_special_tokens_find_the_sources_names(source_specials, bos, eos):
+    """A byte-level BPE may hold "<s>" as plain text: the reserved names win over it."""
+    vocab = {token: i for i, token in enumerate([*source_specials, "a", "b"])}
+    source = Tokenizer(models.WordLevel(vocab, unk_token=source_specials[0]))
+    target = char_tokenizer("ab")
+    rows = token_rows(target, target.get_vocab_size(), source, len(vocab)).tolist()
+    assert rows[BOS_ID] == vocab[bos] and rows[EOS_ID] == vocab[eos]
+    assert rows[NUM_SPECIAL:] == [vocab["a"], vocab["b"]] and rows[PAD_ID] == -1
 
 
 def test_minilm_folder_fills_an_encoder_classifier_body():
@@ -262,8 +340,8 @@ def write_folder(path: Path, model_type: str) -> str:
      "is not a folder"),
     (lambda run, tmp: finetune(sort_config(), init_from=str(run / "checkpoints" / "2")),
      "neither a jaxformer run dir"),
-    (lambda run, tmp: finetune(sort_config(), init_from=write_folder(tmp / "llama", "llama")),
-     "is a Hugging Face 'llama' folder"),
+    (lambda run, tmp: finetune(sort_config(), init_from=write_folder(tmp / "t5", "t5")),
+     "is a Hugging Face 't5' folder: jaxformer starts from bert"),
     (lambda run, tmp: finetune(sort_config(), init_from=write_folder(tmp / "bert", "bert"),
                                init_step=1), "is for run dirs"),
     (lambda run, tmp: finetune(sort_config(), init_from=str(run), init_step=99),

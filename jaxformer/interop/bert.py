@@ -38,8 +38,8 @@ def bert_config_to_model_config(hf_config: dict, origin: str = "config.json",
     """The Encoder config that computes what a Hugging Face BERT config does (or InteropError).
 
     `overrides` may set run-time switches only (scan_layers, attention, dtype, dropout)."""
-    hint = (": load_hf_encoder reads BERT folders (GPT-2 ones go to load_hf_decoder; RoBERTa's "
-            "padding-offset positions are not supported)")
+    hint = (": load_hf_encoder reads BERT folders (GPT-2, Llama, Qwen3 go to load_hf_decoder; "
+            "RoBERTa's padding-offset positions are not supported)")
     require(origin, "model_type", hf_config.get("model_type"), ("bert",), hint)
     require(origin, "position_embedding_type", hf_config.get("position_embedding_type", "absolute"),
             ("absolute",), ": relative position embeddings have no jaxformer counterpart")

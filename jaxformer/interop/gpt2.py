@@ -1,4 +1,4 @@
-"""GPT-2 checkpoints <-> jaxformer Decoder, both ways.
+"""GPT-2 checkpoints <-> jaxformer Decoder, both ways (folders: hf_decoder.py).
 
 GPT-2 is the decoder with norm="pre", a final norm (ln_f), learned positions, biases, a tied output
 head and activation gelu_new (= gelu_tanh). Its Conv1D weights are already (in, out); c_attn packs
@@ -8,27 +8,20 @@ sigmoid), dropout, layer_norm_eps, init, attention, scan_layers, dtype; everythi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from jaxformer.config import ModelConfig
 from jaxformer.interop.params import (
-    HF_ACTIVATIONS, InteropError, Link, linear, make_config, model_from_params, model_params, norm,
-    params_from_tensors, params_to_links, require,
-)
-from jaxformer.interop.safetensors_io import (
-    read_hf_config, read_safetensors, weight_files, write_hf_folder,
+    HF_ACTIVATIONS, HF_EXPORT_ACTIVATIONS, InteropError, Link, linear, make_config,
+    model_from_params, model_params, norm, params_from_tensors, params_to_links, require,
 )
 from jaxformer.models.decoder import Decoder
 
 PREFIX = "transformer."  # GPT2LMHeadModel's names; the original hub checkpoints have none
 # the tied head, and the causal-mask buffers older checkpoints saved
 IGNORED = r"lm_head\.weight|h\.\d+\.attn\.(bias|masked_bias)"
-EXPORT_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu",
-                      "sigmoid": "sigmoid"}
 
 
 def gpt2_config_to_model_config(hf_config: dict, origin: str = "config.json",
@@ -37,7 +30,7 @@ def gpt2_config_to_model_config(hf_config: dict, origin: str = "config.json",
 
     `overrides` may set run-time switches only (scan_layers, attention, dtype, dropout)."""
     require(origin, "model_type", hf_config.get("model_type"), ("gpt2",),
-            ": load_hf_decoder maps GPT-2; BERT folders go to load_hf_encoder")
+            ": gpt2_config_to_model_config maps GPT-2 (Llama / Qwen3: llama.py)")
     activation = hf_config.get("activation_function", "gelu_new")
     require(origin, "activation_function", activation, HF_ACTIVATIONS)
     for flag, value in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
@@ -65,21 +58,28 @@ def model_config_to_gpt2_config(cfg: ModelConfig) -> dict:
     """The GPT-2 config.json of a decoder config; refuses switches GPT-2 cannot express."""
     origin = "GPT-2 export"
     require(origin, "model.kind", cfg.kind, ("decoder",))
-    require(origin, "model.activation", cfg.activation, EXPORT_ACTIVATIONS)
+    require(origin, "model.activation", cfg.activation, HF_EXPORT_ACTIVATIONS)
     for field, value, needed in (
         ("model.norm", cfg.norm, "pre"), ("model.final_norm", cfg.use_final_norm, True),
         ("model.positions", cfg.positions, "learned"), ("model.residual", cfg.residual, True),
         ("model.bias", cfg.bias, True), ("model.embed_norm", cfg.embed_norm, False),
         ("model.type_vocab_size", cfg.type_vocab_size, 0),
+        ("model.norm_type", cfg.norm_type, "layernorm"), ("model.mlp", cfg.mlp, "dense"),
+        ("model.qk_norm", cfg.qk_norm, False), ("model.tie_embeddings", cfg.tie_embeddings, True),
+        ("model.n_kv_heads", cfg.kv_heads, cfg.n_heads),
+        ("model.head_dim", cfg.head_size, cfg.d_model // cfg.n_heads),
+        ("model.parallel_block", cfg.parallel_block, False),
+        ("model.attn_logit_softcap", cfg.attn_logit_softcap, None),
+        ("model.final_logit_softcap", cfg.final_logit_softcap, None),
     ):
         require(origin, field, value, (needed,),
-                ": GPT-2 is pre-LN with ln_f, learned positions and biases, no embedding norm or "
-                "token types")
+                ": GPT-2 is pre-LN with ln_f, learned positions, biases, a dense MLP and a tied "
+                "head, with no embedding norm, token types, grouped heads or soft caps")
     return {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": cfg.vocab_size, "n_positions": cfg.max_len, "n_embd": cfg.d_model,
         "n_head": cfg.n_heads, "n_layer": cfg.n_layers, "n_inner": cfg.d_ff,
-        "activation_function": EXPORT_ACTIVATIONS[cfg.activation],
+        "activation_function": HF_EXPORT_ACTIVATIONS[cfg.activation],
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
         "layer_norm_epsilon": cfg.layer_norm_eps, "tie_word_embeddings": True,
         "scale_attn_weights": True,
@@ -127,33 +127,3 @@ def decoder_to_gpt2(model: Decoder, cfg: ModelConfig) -> tuple[dict[str, np.ndar
     tensors = params_to_links(model_params(model), gpt2_links(cfg), origin="GPT-2 export",
                               out_in=False)
     return {PREFIX + key: value for key, value in tensors.items()}, hf_config
-
-
-def read_hf_decoder(model_dir: str | Path,
-                    **overrides) -> tuple[ModelConfig, dict[str, np.ndarray], Tokenizer | None]:
-    """(Decoder config, its params, the folder's tokenizer.json if any) of a GPT-2 folder
-    (config.json + model.safetensors). Checks run before weights are read."""
-    hf_config = read_hf_config(model_dir)
-    gpt2_config_to_model_config(hf_config, f"{model_dir}/config.json", **overrides)
-    files = weight_files(model_dir)
-    cfg, params = gpt2_params(read_safetensors(files), hf_config, origin=str(model_dir),
-                              **overrides)
-    tokenizer_path = Path(model_dir) / "tokenizer.json"
-    return cfg, params, Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
-
-
-def load_hf_decoder(model_dir: str | Path, *, seed: int = 0, **overrides) -> Decoder:
-    """A Decoder from a GPT-2 folder (config.json + model.safetensors); the ModelConfig is
-    `gpt2_config_to_model_config(json.load(config.json))`. Checks run before weights are read."""
-    cfg, params, _ = read_hf_decoder(model_dir, **overrides)
-    return model_from_params(cfg, params, origin=str(model_dir), seed=seed)
-
-
-def save_hf_decoder(model: Decoder, cfg: ModelConfig, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer.json when a `tokenizers.Tokenizer` is
-    given) that `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
-    tensors, hf_config = decoder_to_gpt2(model, cfg)
-    out_dir = write_hf_folder(out_dir, hf_config, tensors)
-    if tokenizer is not None:
-        tokenizer.save(str(out_dir / "tokenizer.json"))
-    return out_dir

@@ -3,8 +3,8 @@
 jaxformer stores each block stack's parameters stacked on a leading layer axis and its kernels as
 (in, out). A Link names one checkpoint key (a per-layer key holds "{i}") and the jaxformer path(s)
 it fills; several paths mean one packed tensor split along its (in, out) last axis (GPT-2's c_attn,
-torch's in_proj: q, k, v). Every converter (bert.py, gpt2.py, torch_transformer.py) is a Link table
-plus config checks; the checking, stacking, splitting and assignment live here once.
+torch's in_proj: q, k, v). Every converter (bert.py, gpt2.py, llama.py, torch_transformer.py) is a
+Link table plus config checks; the checking, stacking, splitting and assignment live here once.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ HF_ACTIVATIONS = {
     "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
     "relu": "relu", "silu": "silu", "swish": "silu", "sigmoid": "sigmoid",
 }
+# and back: the Hugging Face name of each jaxformer activation (config.json on export)
+HF_EXPORT_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu",
+                         "sigmoid": "sigmoid"}
 
 # ModelConfig fields that change how a model runs, never what it computes: safe to override
 RUNTIME_FIELDS = ModelConfig.fields_with_role(RUNTIME)
@@ -71,17 +74,20 @@ class Link:
 
 
 def linear(params: str | Sequence[str], key: str, n_layers: int = 0, *,
-           suffixes: tuple[str, str] = (".weight", ".bias")) -> list[Link]:
-    """kernel <- weight, bias <- bias of one Linear (or of several packed into one tensor)."""
+           suffixes: tuple[str, str] = (".weight", ".bias"), bias: bool = True) -> list[Link]:
+    """kernel <- weight, bias <- bias (unless `bias=False`) of one Linear (or of several packed
+    into one tensor)."""
     prefixes = (params,) if isinstance(params, str) else tuple(params)
-    return [Link(tuple(f"{p}.{leaf}" for p in prefixes), key + suffix, n_layers)
-            for leaf, suffix in zip(("kernel", "bias"), suffixes)]
+    links = [Link(tuple(f"{p}.{leaf}" for p in prefixes), key + suffix, n_layers)
+             for leaf, suffix in zip(("kernel", "bias"), suffixes)]
+    return links if bias else links[:1]
 
 
-def norm(params: str, key: str, n_layers: int = 0) -> list[Link]:
-    """scale <- weight, bias <- bias of one LayerNorm."""
-    return [Link((f"{params}.scale",), f"{key}.weight", n_layers),
-            Link((f"{params}.bias",), f"{key}.bias", n_layers)]
+def norm(params: str, key: str, n_layers: int = 0, *, bias: bool = True) -> list[Link]:
+    """scale <- weight, bias <- bias of one LayerNorm (an RMSNorm, `bias=False`: scale only)."""
+    links = [Link((f"{params}.scale",), f"{key}.weight", n_layers),
+             Link((f"{params}.bias",), f"{key}.bias", n_layers)]
+    return links if bias else links[:1]
 
 
 def param_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Mapping
 
+import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from jaxformer.interop.params import InteropError
 
@@ -49,9 +51,17 @@ def weight_files(model_dir: str | Path) -> list[Path]:
 
 
 def read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+    """Every tensor of the files as numpy. numpy has no bfloat16 (the dtype Llama and Qwen3 ship):
+    those tensors are read through jax on the CPU, as ml_dtypes bfloat16 arrays."""
     tensors: dict[str, np.ndarray] = {}
     for path in files:
-        tensors.update(load_file(path))
+        with safe_open(path, framework="numpy") as f:
+            names = f.keys()
+            bf16 = {k for k in names if f.get_slice(k).get_dtype() == "BF16"}
+            tensors.update({k: f.get_tensor(k) for k in names if k not in bf16})
+        if bf16:
+            with jax.default_device(jax.devices("cpu")[0]), safe_open(path, framework="flax") as f:
+                tensors.update({k: np.asarray(f.get_tensor(k)) for k in bf16})
     return tensors
 
 

@@ -4,7 +4,7 @@ Every parameter belongs to one group, decided by the first name on its path:
   embeddings  embed (the token table; the decoder's tied LM head reads it too), embeddings,
               encoder_embeddings, decoder_embeddings (positions, token types, embedding norm)
   blocks      stack, encoder, decoder (the layer stacks) and final_norm, encoder_norm, decoder_norm
-  head        classifier, mlm_head
+  head        classifier, mlm_head, lm_head (an untied output head: model.tie_embeddings=false)
 
 The plan plugs into `training/optim.py:make_optimizer`, the one place the optimizer is built:
 `optax.multi_transform` gives each frozen group `optax.set_to_zero()` (no updates and no
@@ -38,7 +38,7 @@ GROUP_OF_MODULE = {
     "encoder_embeddings": "embeddings", "decoder_embeddings": "embeddings",
     "stack": "blocks", "encoder": "blocks", "decoder": "blocks",
     "final_norm": "blocks", "encoder_norm": "blocks", "decoder_norm": "blocks",
-    "classifier": "head", "mlm_head": "head",
+    "classifier": "head", "mlm_head": "head", "lm_head": "head",
 }
 STACKED = "blocks"  # a LayerStack's attribute: leaves below it carry a leading layer axis
 

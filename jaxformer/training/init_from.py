@@ -1,5 +1,5 @@
 """Starting a run from pretrained weights: `finetune.init_from` names a jaxformer run dir or a
-Hugging Face folder (BERT -> encoder, GPT-2 -> decoder).
+Hugging Face folder (BERT -> encoder; GPT-2, Llama, Qwen3 -> decoder).
 
 The run's own model config decides the model; the source fills every parameter it has with the
 same path and shape. Parameters the source lacks (a new classification head) keep their fresh
@@ -10,8 +10,10 @@ same function (family, heads, activation, norms, ...): otherwise the weights wou
 Vocabulary: token ids are never reinterpreted. Rows of vocabulary-indexed parameters (the token
 table, the masked-LM bias) are matched by token *string* between the source's tokenizer and the
 run's: a character task reusing a pretraining run's alphabet gets every row, "0".."9" find their
-BERT / GPT-2 tokens, jaxformer's specials map to [PAD] [CLS] [SEP] [UNK] [MASK] (GPT-2:
-<|endoftext|> for <bos>/<eos>), and rows with no counterpart stay freshly initialised (reported).
+BERT / GPT-2 / Llama / Qwen3 tokens, jaxformer's specials map to [PAD] [CLS] [SEP] [UNK] [MASK]
+(GPT-2 and Qwen3: <|endoftext|> for <bos>/<eos>; Llama: <s> </s> <unk>, Llama 3:
+<|begin_of_text|> <|end_of_text|>), and rows with no counterpart stay freshly initialised
+(reported).
 
 Everything is read and checked before the train step compiles; `apply_init` then writes the values
 into the freshly initialised, sharded train state (one `make_array_from_callback` per parameter).
@@ -30,7 +32,7 @@ from tokenizers import Tokenizer
 
 from jaxformer.config import COMPUTES, FinetuneConfig, ModelConfig
 from jaxformer.errors import UserError
-from jaxformer.interop import InteropError, read_hf_decoder, read_hf_encoder
+from jaxformer.interop import DECODER_TYPES, InteropError, read_hf_decoder, read_hf_encoder
 from jaxformer.interop.params import model_params
 from jaxformer.interop.safetensors_io import read_hf_config
 from jaxformer.parallel import to_host
@@ -39,10 +41,15 @@ from jaxformer.training.state import TrainState
 
 log = logging.getLogger(__name__)
 
-HF_READERS = {"bert": read_hf_encoder, "gpt2": read_hf_decoder}
-# the source's names for jaxformer's special tokens (BERT, GPT-2)
-SPECIAL_ALIASES = {"<pad>": ("[PAD]",), "<bos>": ("[CLS]", "<|endoftext|>"),
-                   "<eos>": ("[SEP]", "<|endoftext|>"), "<unk>": ("[UNK]",), "<mask>": ("[MASK]",)}
+HF_READERS = {"bert": read_hf_encoder, **dict.fromkeys(DECODER_TYPES, read_hf_decoder)}
+# the source's names for jaxformer's special tokens, the first one the source has wins: BERT;
+# Llama 3; GPT-2 and Qwen3; Llama 1/2 (whose <unk> is ours); a byte-level BPE may hold "<s>" as
+# plain text, so the reserved names come first
+SPECIAL_ALIASES = {
+    "<pad>": ("[PAD]",), "<bos>": ("[CLS]", "<|begin_of_text|>", "<|endoftext|>", "<s>"),
+    "<eos>": ("[SEP]", "<|end_of_text|>", "<|endoftext|>", "</s>"), "<unk>": ("[UNK]",),
+    "<mask>": ("[MASK]",),
+}
 VOCAB_AXIS = "vocab"
 SHOWN_TOKENS = 8
 
@@ -78,7 +85,7 @@ def open_source(init_from: str, step: int | None) -> Source:
         model_type = read_hf_config(path).get("model_type")
         if model_type not in HF_READERS:
             raise UserError(f"{key} is a Hugging Face {model_type!r} folder: jaxformer starts "
-                            "from bert (encoder) and gpt2 (decoder) folders")
+                            f"from bert (encoder) and {', '.join(DECODER_TYPES)} (decoder) folders")
         model_cfg, params, tokenizer = HF_READERS[model_type](path)
         return Source(f"Hugging Face {model_type} folder {path}", model_cfg, params, tokenizer)
     except (InteropError, UserError) as err:
