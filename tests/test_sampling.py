@@ -87,9 +87,18 @@ def test_cached_greedy_decoder_matches_full_forward(positions, scan_layers):
         assert np.all(tokens[b, total - n:] == PAD_ID)
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope"])
-def test_cached_greedy_encoder_decoder_matches_full_forward(positions):
-    seq2seq = model("encoder_decoder", positions)
+# step 12's switches: grouped-query self- and cross-attention (2 kv heads), qk norm, rmsnorm, glu
+MODERN = dict(norm_type="rmsnorm", qk_norm=True, mlp="glu", activation="silu", n_kv_heads=2,
+              bias=False, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("positions, switches", [
+    ("learned", {}), ("rope", {}), ("rope", MODERN)], ids=["learned", "rope", "rope-gqa"])
+def test_cached_greedy_encoder_decoder_matches_full_forward(positions, switches):
+    seq2seq = (build_model(ModelConfig(kind="encoder_decoder", vocab_size=VOCAB, d_model=32,
+                                       n_heads=4, n_layers=2, d_ff=64, max_len=MAX_LEN,
+                                       positions=positions, **switches), seed=0)
+               if switches else model("encoder_decoder", positions))
     src = np.random.default_rng(1).integers(5, VOCAB, (3, 7)).astype(np.int32)
     src_valid = (np.arange(7) < np.asarray([7, 3, 5])[:, None]).astype(np.int32)
     done = generate_seq2seq(seq2seq, src, src_valid, max_new_tokens=11, stop_tokens=())
