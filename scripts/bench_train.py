@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.config import MeshConfig, ModelConfig, OptimConfig
+from jaxformer.config import ATTENTION_IMPLS, MeshConfig, ModelConfig, OptimConfig
 from jaxformer.parallel import make_mesh
 from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.training.state import init_train_state, state_layout
@@ -147,10 +147,13 @@ def time_steps(step: Callable[[], object], steps: int, warmup: int = 2) -> list[
 
 
 def train_bench(family: str, shape: Shape, steps: int, peak: float, dtype: str = "float32",
-                scan_layers: bool = True, profile_dir: str | None = None) -> dict:
+                scan_layers: bool = True, profile_dir: str | None = None,
+                attention: str = "auto") -> dict:
     """Tokens/s of the jitted train step (forward, backward, AdamW; state donated) after
-    compile, median over `steps`; compile time; XLA's memory plan and the process's peak RSS."""
-    cfg = dataclasses.replace(model_config(family, shape, dtype), scan_layers=scan_layers)
+    compile, median over `steps`; compile time; XLA's memory plan and the process's peak RSS.
+    `attention`: model.attention (auto, xla, cudnn, reference)."""
+    cfg = dataclasses.replace(model_config(family, shape, dtype), scan_layers=scan_layers,
+                              attention=attention)
     optim = OptimConfig(warmup_steps=0)
     tx, schedule = make_optimizer(optim, 10_000), make_schedule(optim, 10_000)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])  # one device
@@ -314,6 +317,9 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="median of this many steps")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--attention", choices=ATTENTION_IMPLS, default="auto",
+                        help="model.attention: auto takes cuDNN's fused kernel on a GPU where it "
+                             "applies")
     parser.add_argument("--peak", type=float, default=None,
                         help="peak FLOP/s for MFU (default: a measured float32 matmul)")
     parser.add_argument("--peer", action=argparse.BooleanOptionalAction, default=False,
@@ -336,8 +342,9 @@ def train_command(args: argparse.Namespace) -> dict:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_OP_TRACING}".strip()
     shape, peak, info = shape_info(args)
     result = {**info, "dtype": args.dtype, "scan_layers": args.scan_layers,
+              "attention": args.attention,
               **train_bench(args.model, shape, args.steps, peak, args.dtype, args.scan_layers,
-                            args.profile)}
+                            args.profile, args.attention)}
     if args.peer:
         result.update(peer_bench(args.model, shape, args.steps, peak))
         result["speedup_over_peer"] = round(result["train_tokens_per_s"]
