@@ -6,10 +6,16 @@ A run dir, as `python -m jaxformer.train` leaves it:
   metrics.jsonl        one JSON record a line: {"step", "split": train | eval | diagnostics |
                        summary | test_time, **metrics}
   finished.json        written last, when the run reached trainer.steps: step, eval metrics, samples
+  .lock                flock-ed by the process training in it (training/run_dir.py:RunLock)
   checkpoints/STEP/    orbax items `state` (the TrainState), `data` (the data position), `meta`
                        (the resolved model config, parameter count, objective, optimizer settings)
   tokenizer.json       the task's tokenizer (token tasks)
   wandb_run_id         the wandb run a resumed job continues
+
+A run's state (`RunDir.state`): finished (its marker is there), diverged (it stopped at a
+non-finite training step), running (a process on this machine holds its lock), not started (no
+metric record yet) or interrupted (anything else: killed, preempted, out of time, or running on
+another host).
 
 Every problem (missing run dir, no checkpoints, unknown step, unreadable config or checkpoint)
 is a `UserError` naming the path and the fix; `key` names the setting that pointed here.
@@ -18,10 +24,11 @@ is a `UserError` naming the path and the fix; `key` names the setting that point
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -29,7 +36,7 @@ from flax import nnx
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from jaxformer.config import ModelConfig, TrainConfig, to_train_config
+from jaxformer.config import ModelConfig, TrainConfig, TrainerConfig, to_dict, to_train_config
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import load_tokenizer
 from jaxformer.data.vectors import TeacherTask
@@ -43,8 +50,34 @@ METRICS = "metrics.jsonl"
 FINISHED = "finished.json"
 CHECKPOINTS = "checkpoints"
 TOKENIZER = "tokenizer.json"
+LOCK = ".lock"
 # the items of every checkpoint (jaxformer/training/checkpoint.py writes them)
 STATE_ITEM, DATA_ITEM, META_ITEM = "state", "data", "meta"
+
+
+# what RunDir.state says
+FINISHED_STATE, DIVERGED, RUNNING, INTERRUPTED, NOT_STARTED = (
+    "finished", "diverged", "running", "interrupted", "not started")
+
+
+def stops_training(record: dict, trainer: TrainerConfig) -> bool:
+    """Whether a train record is a non-finite step that ends the run (training/train_log.py's
+    check_finite raises on it): any under trainer.nonfinite=stop, the one past
+    trainer.max_skipped_steps under skip."""
+    if not record.get("nonfinite"):
+        return False
+    return trainer.nonfinite != "skip" or record["skipped_steps"] > trainer.max_skipped_steps
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"d_model": 32}} -> {"model.d_model": 32}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class RestoredRun(NamedTuple):
@@ -122,6 +155,80 @@ class RunDir:
             return json.loads(path.read_text())
         except json.JSONDecodeError:
             return None
+
+    @cached_property
+    def flat_config(self) -> dict[str, Any]:
+        """The config as dotted keys (`model.d_model`): what runs of a sweep differ in."""
+        return flatten(to_dict(self.config))
+
+    def state(self, records: list[dict] | None = None) -> str:
+        """finished, diverged, running, interrupted or not started (the module's docstring);
+        `records`: its metrics() when already read."""
+        records = self.metrics() if records is None else records
+        train = [r for r in records if r.get("split") == "train"]
+        try:
+            trainer = self.config.trainer
+        except UserError:  # an unreadable config: what the files say without it
+            trainer = None
+        finished = self.finished
+        if finished is not None and (trainer is None or finished.get("step", 0) >= trainer.steps):
+            return FINISHED_STATE
+        if train and train[-1].get("nonfinite") and (trainer is None
+                                                     or stops_training(train[-1], trainer)):
+            return DIVERGED
+        if self.lock_held():
+            return RUNNING
+        return INTERRUPTED if records else NOT_STARTED
+
+    def lock_held(self) -> bool:
+        """Whether a process on this machine holds the run's lock (training/run_dir.py:RunLock),
+        as Linux's /proc/locks lists it: read-only, so it never races a run that is starting.
+        False elsewhere, and for a run on another host."""
+        try:
+            stat = (self.path / LOCK).stat()
+            locks = Path("/proc/locks").read_text()
+        except OSError:
+            return False
+        file = (os.major(stat.st_dev), os.minor(stat.st_dev), stat.st_ino)
+        for line in locks.splitlines():  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2165555 0 EOF"
+            fields = line.split()
+            if "FLOCK" in fields and "->" not in fields:  # "->": a waiter, not the holder
+                parts = next((f.split(":") for f in fields if f.count(":") == 2), None)
+                try:
+                    if parts and (int(parts[0], 16), int(parts[1], 16), int(parts[2])) == file:
+                        return True
+                except ValueError:
+                    continue
+        return False
+
+    @cached_property
+    def tokens_per_step(self) -> int | None:
+        """Token positions one training step reads: batch size x the objective's widest array
+        (what tokens_per_s counts). None when the task cannot be built here (say, a text corpus
+        that is not on this machine) or the config is unreadable."""
+        try:
+            return self.config.trainer.batch_size * self.objective.max_positions(self.task)
+        except (UserError, OSError):
+            return None
+
+    def wall_time(self, records: list[dict] | None = None) -> float | None:
+        """Seconds the run trained: the sum of the intervals between its train records (each
+        record's tokens_per_s is tokens_per_step x steps / interval, so the interval comes back
+        exactly; the time between a kill and its resume is not counted). Without
+        tokens_per_step: the run's files, .hydra/config.yaml (rewritten at every launch) to the
+        last metrics line. None before the first record."""
+        records = self.metrics("train") if records is None else \
+            [r for r in records if r.get("split") == "train"]
+        if not records:
+            return None
+        if self.tokens_per_step is not None and all(r.get("tokens_per_s") for r in records):
+            steps = [0] + [r["step"] for r in records]
+            return sum(self.tokens_per_step * (steps[i + 1] - steps[i]) / r["tokens_per_s"]
+                       for i, r in enumerate(records))
+        config = self.path / HYDRA_CONFIG
+        if not config.is_file():
+            return None
+        return max(self.metrics_path.stat().st_mtime - config.stat().st_mtime, 0.0)
 
     @property
     def wandb_id(self) -> str | None:

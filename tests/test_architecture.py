@@ -19,9 +19,10 @@ LAYERS = [
     {"models"},
     {"objectives", "interop"},
     {"runs"},
-    {"training", "inference"},
+    {"training", "inference", "analysis"},
     {"cli"},
-    {"train", "prepare", "sample", "evaluate", "embed", "inspect"},  # `python -m jaxformer.NAME`
+    # `python -m jaxformer.NAME`
+    {"train", "prepare", "sample", "evaluate", "embed", "inspect", "compare"},
     {"jaxformer"},  # the package's __init__: jaxformer.load_run
 ]
 LAYER_OF = {room: index for index, rooms in enumerate(LAYERS) for room in rooms}

@@ -26,6 +26,7 @@ from jaxformer.data.tasks import build_task
 from jaxformer.models import build_model
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.loop import train
+from jaxformer.runs import RunDir
 from jaxformer.training.run_dir import RunLock
 from jaxformer.models import split_model
 from jaxformer.objectives import OBJECTIVES
@@ -177,6 +178,7 @@ def test_skip_mode_counts_then_gives_up(tmp_path):
         train(config, tmp_path)
     skipped = [r for r in records(tmp_path) if r["split"] == "train" and r["nonfinite"]]
     assert [r["skipped_steps"] for r in skipped] == [1, 2, 3, 4]
+    assert RunDir(tmp_path).state() == "diverged"  # what jaxformer.compare reports
 
 
 def test_bfloat16_compute_keeps_float32_master_weights(tmp_path):

@@ -155,6 +155,14 @@ def per_process_overrides(argv: list[str]) -> list[str]:
     return [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
+def quote(value: str) -> str:
+    """`value` as a single-quoted string of Hydra's override grammar, taken verbatim."""
+    # Hydra escapes: a backslash run before a quote (or the closing quote) is doubled
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return f"'{value}'"
+
+
 def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
     """Single-quote the values of `keys` (free text such as `prompt=`) for Hydra's override
     grammar, which would reject `12+34=` and turn `007` into 7 or `true` into a bool. Already
@@ -164,10 +172,7 @@ def quote_free_text(argv: list[str], keys: tuple[str, ...]) -> list[str]:
         key, sep, value = arg.partition("=")
         quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
         if key in keys and sep and not quoted:
-            # Hydra escapes: a backslash run before a quote (or the closing quote) is doubled
-            value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-            value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
-            arg = f"{key}='{value}'"
+            arg = f"{key}={quote(value)}"
         out.append(arg)
     return out
 

@@ -11,9 +11,7 @@ import socket
 from pathlib import Path
 
 from jaxformer.errors import UserError
-from jaxformer.runs import FINISHED
-
-LOCK = ".lock"
+from jaxformer.runs import FINISHED, LOCK
 
 
 def check_writable(run_dir: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from jaxformer.config import TrainerConfig
 from jaxformer.parallel import to_host
 from jaxformer.progress import Progress
+from jaxformer.runs import stops_training
 from jaxformer.tracking import Tracker
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.diagnostics import diagnostics_metrics
@@ -21,11 +22,9 @@ from jaxformer.training.hooks import StepInfo
 def check_finite(metrics: dict[str, float], step: int, trainer: TrainerConfig,
                  checkpointer: Checkpointer) -> None:
     """Stop on a skipped (non-finite) step unless trainer.nonfinite=skip allows it."""
-    if not metrics["nonfinite"]:
+    if not stops_training(metrics, trainer):
         return
     skipped = int(metrics["skipped_steps"])
-    if trainer.nonfinite == "skip" and skipped <= trainer.max_skipped_steps:
-        return
     latest = checkpointer.latest_step()
     last_good = "none yet" if latest is None else str(checkpointer.directory / str(latest))
     cause = (f"{skipped} steps skipped (more than trainer.max_skipped_steps="
