@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -200,3 +201,15 @@ def write_corpus(out_dir: Path, train_docs: list[str], validation_docs: list[str
                 "tokenizer": {"file": "tokenizer.json", "vocab_size": tokenizer.get_vocab_size()}}
     (out_dir / MANIFEST).write_text(json.dumps(manifest))
     return out_dir
+
+
+def load_script(path: Path, module_name: str):
+    """A study's script imported by path (experiments/ is no package); its folder joins sys.path
+    so sibling scripts import each other."""
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module

@@ -4,17 +4,15 @@ arithmetic on constructed cases, and the analysis on a small synthetic sweep."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import REPO, replace, tiny_config
+from helpers import REPO, load_script, replace, tiny_config
 from jaxformer.config import SamplingConfig, register_configs, to_dict
 from jaxformer.data.tasks import build_task
 from jaxformer.inference.selection import selection_metrics
@@ -26,13 +24,7 @@ register_configs()
 
 def load(name: str):
     """A module of the study folder, imported by path (its siblings import each other)."""
-    if str(STUDY) not in sys.path:
-        sys.path.insert(0, str(STUDY))
-    spec = importlib.util.spec_from_file_location(f"study_b_{name}", STUDY / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STUDY / f"{name}.py", f"study_b_{name}")
 
 
 # -- configs and the chained script -----------------------------------------------------------------

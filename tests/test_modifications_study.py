@@ -9,7 +9,6 @@ import importlib
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from omegaconf import OmegaConf
 
-from helpers import REPO, compose_train, replace, tiny_config, write_corpus
+from helpers import REPO, compose_train, load_script, replace, tiny_config, write_corpus
 from jaxformer.config import register_configs, to_dict, to_train_config
 from jaxformer.training.loop import train
 
@@ -29,11 +28,7 @@ ARMS = ["baseline", "swiglu", "geglu", "rmsnorm", "rope", "qk_norm", "z_loss", "
 
 
 def load_analysis():
-    spec = importlib.util.spec_from_file_location("study_c_analyze", STUDY / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STUDY / "analyze.py", "study_c_analyze")
 
 
 analysis = load_analysis()

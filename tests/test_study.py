@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import jax
@@ -17,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from omegaconf import OmegaConf
 
-from helpers import REPO, compose_train, replace, run_module, tiny_config
+from helpers import REPO, compose_train, load_script, replace, run_module, tiny_config
 from jaxformer.config import (
     LoggerConfig, ModelConfig, OptimConfig, TaskConfig, TrainConfig, TrainerConfig, WandbConfig,
     to_train_config,
@@ -32,11 +31,7 @@ STUDY = REPO / "experiments" / "sigmoid_vs_relu_depth"
 
 
 def load_analysis():
-    spec = importlib.util.spec_from_file_location("study_a_analyze", STUDY / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(STUDY / "analyze.py", "study_a_analyze")
 
 
 def grids_sweeper(*args):

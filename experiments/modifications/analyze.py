@@ -29,7 +29,6 @@ Definitions (the README states them too):
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 from collections import defaultdict
@@ -42,6 +41,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from jaxformer.config import to_dict
+from jaxformer.analysis import write_rows_csv
 from jaxformer.runs import find_runs
 
 BASELINE = "baseline"
@@ -421,10 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     table = arm_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "runs.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows_csv(out / "runs.csv", CSV_COLUMNS, rows)
     write_summary(rows, table, args.sweep_dir, args.cap, out / "summary.md")
     plot_bpb_vs_lr(rows, table, out / "bpb_vs_lr.png")
     plot_curves(runs, table, out / "curves.png")

@@ -21,7 +21,6 @@ geometric means for gradient norms and ratios, means for losses. Writes to --out
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from matplotlib.figure import Figure
 
 from jaxformer.config import TaskConfig, to_dict
 from jaxformer.data.tasks import build_task
+from jaxformer.analysis import write_rows_csv
 from jaxformer.runs import find_runs
 
 ACTIVATION_ORDER = ("sigmoid", "relu", "gelu", "gelu_tanh", "silu")
@@ -471,10 +471,7 @@ def main(argv: list[str] | None = None) -> None:
                              r["depth"], r["seed"]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "runs.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows_csv(out / "runs.csv", CSV_COLUMNS, rows)
     write_summary(rows, source, args.threshold_fraction, out / "summary.md")
     plot_per_layer(runs, "grad_norm", "init", False, out / "grad_vs_layer_init.png")
     plot_per_layer(runs, "act_grad_norm", "init", False, out / "act_grad_vs_layer_init.png")
