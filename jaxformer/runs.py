@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
@@ -67,17 +67,6 @@ def stops_training(record: dict, trainer: TrainerConfig) -> bool:
     if not record.get("nonfinite"):
         return False
     return trainer.nonfinite != "skip" or record["skipped_steps"] > trainer.max_skipped_steps
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"d_model": 32}} -> {"model.d_model": 32}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 class RestoredRun(NamedTuple):
@@ -159,7 +148,7 @@ class RunDir:
     @cached_property
     def flat_config(self) -> dict[str, Any]:
         """The config as dotted keys (`model.d_model`): what runs of a sweep differ in."""
-        return flatten(to_dict(self.config))
+        return traverse_util.flatten_dict(to_dict(self.config), sep=".")
 
     def state(self, records: list[dict] | None = None) -> str:
         """finished, diverged, running, interrupted or not started (the module's docstring);
