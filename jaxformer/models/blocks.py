@@ -54,6 +54,7 @@ class Sublayer(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout)
         self.placement = cfg.norm if norm else "none"
         self.residual = cfg.residual
+        self.sow_config = SowConfig()  # models/instrument.py
 
     def pre(self, x_btd: jax.Array) -> jax.Array:
         """The branch's input."""
@@ -62,6 +63,7 @@ class Sublayer(nnx.Module):
     def post(self, x_btd: jax.Array, h_btd: jax.Array, **dropout_kw) -> jax.Array:
         """The block's stream after the branch output `h_btd`."""
         h_btd = self.dropout(h_btd, **dropout_kw)
+        self.sow_config.maybe_sow_branch_output(self, h_btd)
         if self.residual:
             h_btd = x_btd + h_btd
         return self.norm(h_btd) if self.placement == "post" else h_btd
@@ -155,8 +157,10 @@ class LayerStack(nnx.Module):
             layer_state, key = layer_xs
             block = nnx.merge(graphdef, layer_state)
             layer_rngs = None if key is None else nnx.Rngs(dropout=key)
-            x_btd = block(x_btd, *layer_args, deterministic=deterministic, rngs=layer_rngs)
-            x_btd = self.sow_config.maybe_probe_layer_output(block, x_btd)
+            out_btd = block(x_btd, *layer_args, deterministic=deterministic, rngs=layer_rngs)
+            out_btd = self.sow_config.maybe_probe_layer_output(block, out_btd)
+            self.sow_config.maybe_sow_residual(block, x_btd, out_btd)
+            x_btd = out_btd
             return x_btd, nnx.pop(block, nnx.Intermediate)  # probes (Perturbation) included
 
         run = self._scanned if self.scan else self._unrolled

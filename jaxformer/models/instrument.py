@@ -10,6 +10,10 @@ A `LayerStack` runs each layer on a slice of its stacked parameters, then stacks
 sowed on a leading layer axis and leaves it on its `blocks`, at the parameters' paths:
 `nnx.pop(model, nnx.Intermediate)` after a forward gives e.g.
 `{'stack': {'blocks': {'attention': {'attention_weights': ((n_layers, B, heads, T, S),)}}}}`.
+With `residual` each layer sows its input and output (`resid_pre`, `resid_post`), with
+`sublayer_outputs` each Sublayer its branch's output before the residual add (`branch_output` of
+`attention_branch`, `cross_attention_branch`, `mlp_branch`): the activation cache of
+inference/activation_cache.py reads them.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class SowConfig:
     #                              and the output's mean and std
     activations: bool = False  # saturated / zero / dead fractions of each activation's outputs
     attention_weights: bool = False  # each attention's softmax weights (B, heads, T, S)
+    residual: bool = False  # each layer's input and output stream (B, T, d_model)
+    sublayer_outputs: bool = False  # each branch's output (attention, MLP) before the residual add
 
     def maybe_probe_layer_output(self, layer: nnx.Module, x: jax.Array) -> jax.Array:
         """`x` plus a zero probe (flax's `perturb`: its gradient is dL/dx) and its statistics."""
@@ -53,8 +59,21 @@ class SowConfig:
             module.sow(nnx.Intermediate, "attention_weights", weights_fn())
 
 
+    def maybe_sow_residual(self, layer: nnx.Module, x_in_btd: jax.Array, x_out_btd: jax.Array):
+        """A layer's input and output residual stream."""
+        if self.residual:
+            layer.sow(nnx.Intermediate, "resid_pre", x_in_btd)
+            layer.sow(nnx.Intermediate, "resid_post", x_out_btd)
+
+    def maybe_sow_branch_output(self, sublayer: nnx.Module, h_btd: jax.Array):
+        """What a branch adds to the stream (after dropout, before the residual add)."""
+        if self.sublayer_outputs:
+            sublayer.sow(nnx.Intermediate, "branch_output", h_btd)
+
+
 DIAGNOSTICS = SowConfig(layer_outputs=True, activations=True)
 ATTENTION_WEIGHTS = SowConfig(attention_weights=True)
+ACTIVATIONS = SowConfig(attention_weights=True, residual=True, sublayer_outputs=True)
 
 
 def instrument(model: nnx.Module, config: SowConfig) -> nnx.Module:

@@ -94,12 +94,17 @@ class OutputHead(nnx.Module):
         self.cap = cfg.final_logit_softcap
 
     def __call__(self, embed: Embed, hidden_btd: jax.Array) -> jax.Array:
+        return softcap(self.unembed(embed, hidden_btd), self.cap)
+
+    def unembed(self, embed: Embed, hidden_btd: jax.Array) -> jax.Array:
+        """The logits before the soft cap: linear in `hidden_btd` (direct logit attribution,
+        inference/lens.py, splits them over the residual stream's parts)."""
         if self.kernel is None:
             logits_btv = embed.attend(hidden_btd)
         else:
             logits_btv = hidden_btd @ self.kernel[...].astype(hidden_btd.dtype)
             logits_btv = constrain(logits_btv, ("act_batch", "act_length", "act_vocab"))
-        return softcap(logits_btv.astype(jnp.float32), self.cap)
+        return logits_btv.astype(jnp.float32)
 
 
 class MLP(nnx.Module):
