@@ -1,7 +1,8 @@
 """`python -m jaxformer.inspect checkpoint=RUN_DIR text=...`: attention maps of a trained run
-(jaxformer/inference/attention_maps.py).
+(jaxformer/inference/attention_maps.py); with `lens=true` the logit lens and direct logit
+attribution (jaxformer/inference/lens_report.py).
 
-`text` and `target` are free text: they reach the app verbatim, never
+`text`, `target` and `answer` are free text: they reach the app verbatim, never
 parsed as Hydra values (so `text=12+34=` and `text=007` work unquoted).
 """
 
@@ -13,8 +14,9 @@ from omegaconf import DictConfig
 from jaxformer.cli.app import CONF_PATH, quiet_libraries, register_schema, run_app, user_errors
 from jaxformer.config import to_config
 from jaxformer.inference.attention_maps import InspectConfig, inspect_run
+from jaxformer.inference.lens_report import lens_run
 
-FREE_TEXT_KEYS = ("text", "target")
+FREE_TEXT_KEYS = ("text", "target", "answer")
 quiet_libraries()
 register_schema("inspect_schema", InspectConfig)
 
@@ -27,7 +29,8 @@ def to_inspect_config(cfg: DictConfig) -> InspectConfig:
 @hydra.main(version_base=None, config_path=CONF_PATH, config_name="inspect")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        paths = inspect_run(to_inspect_config(cfg))
+        config = to_inspect_config(cfg)
+        paths = (lens_run if config.lens else inspect_run)(config)
     for path in paths:
         print(path)
 

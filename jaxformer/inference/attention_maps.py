@@ -1,4 +1,5 @@
-"""What `python -m jaxformer.inspect` does: attention maps of a trained run.
+"""What `python -m jaxformer.inspect` does: attention maps of a trained run (with lens=true, the
+logit lens of inference/lens_report.py instead).
 
 Restores a run's parameters (any model family), runs one forward over `text` with the attention
 weights captured, and writes one PNG per layer and attention kind (self / cross): one panel per
@@ -32,15 +33,24 @@ from jaxformer.runs import RunDir
 class InspectConfig:
     checkpoint: str = MISSING  # a run dir written by `python -m jaxformer.train`
     text: str = MISSING  # the decoder/encoder input; the source of an encoder-decoder
-    target: Optional[str] = None  # encoder-decoder only: target text (None: just <bos>)
+    target: Optional[str] = None  # encoder-decoder only: target text (None: just <bos>; with
+    #                               lens=true the greedy answer)
     step: Optional[int] = None  # checkpoint step; None: the latest
     out_dir: Optional[str] = None  # None: RUN_DIR/inspect
+    lens: bool = False  # the logit lens and direct logit attribution (inference/lens_report.py)
+    #                     instead of attention maps
+    answer: Optional[str] = None  # lens=true, decoder: the answer after text (None: greedy)
 
     def __post_init__(self) -> None:
         if not self.text.strip():
             raise UserError("text is empty: pass the text to inspect, e.g. text=12+34=")
         if self.target is not None and not self.target.strip():
             raise UserError("target is empty: give a target text or drop it (then <bos> alone)")
+        if self.answer is not None and not self.lens:
+            raise UserError("answer is read by the logit lens: add lens=true or drop answer")
+        if self.answer is not None and not self.answer.strip():
+            raise UserError("answer is empty: give the answer text or drop it (then the model's "
+                            "greedy answer)")
         check_step(self.step)
         RunDir.open(self.checkpoint)
 
