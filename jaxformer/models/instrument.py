@@ -58,7 +58,6 @@ class SowConfig:
         if self.attention_weights:
             module.sow(nnx.Intermediate, "attention_weights", weights_fn())
 
-
     def maybe_sow_residual(self, layer: nnx.Module, x_in_btd: jax.Array, x_out_btd: jax.Array):
         """A layer's input and output residual stream."""
         if self.residual:
