@@ -24,6 +24,7 @@ is a `UserError` naming the path and the fix; `key` names the setting that point
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -36,7 +37,9 @@ from flax import nnx, traverse_util
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from jaxformer.config import ModelConfig, TrainConfig, TrainerConfig, to_dict, to_train_config
+from jaxformer.config import (
+    ModelConfig, TrainConfig, TrainerConfig, lower_is_better, to_dict, to_train_config,
+)
 from jaxformer.data.tasks import Task, build_task
 from jaxformer.data.tokenizers import load_tokenizer
 from jaxformer.data.vectors import TeacherTask
@@ -67,6 +70,29 @@ def stops_training(record: dict, trainer: TrainerConfig) -> bool:
     if not record.get("nonfinite"):
         return False
     return trainer.nonfinite != "skip" or record["skipped_steps"] > trainer.max_skipped_steps
+
+
+def metrics_summary(records: list[dict]) -> dict[str, float]:
+    """A run's summary from its records: each train and eval metric's last value (`train/NAME`,
+    `eval/NAME`), and each eval metric's best (`best/eval/NAME`, lower or higher as its name
+    says: config.lower_is_better) with the step it was reached at (`best_step/eval/NAME`)."""
+    summary: dict[str, float] = {}
+    for record in records:
+        split = record.get("split")
+        if split not in ("train", "eval"):
+            continue
+        for name, value in record.items():
+            if name in ("step", "split") or not isinstance(value, (int, float)) \
+                    or isinstance(value, bool):
+                continue
+            summary[f"{split}/{name}"] = value
+            if split != "eval" or not math.isfinite(value):
+                continue
+            best = summary.get(f"best/eval/{name}")
+            if best is None or (value < best if lower_is_better(name) else value > best):
+                summary[f"best/eval/{name}"], summary[f"best_step/eval/{name}"] = \
+                    value, record["step"]
+    return summary
 
 
 class RestoredRun(NamedTuple):

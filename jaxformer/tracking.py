@@ -49,18 +49,21 @@ class JsonlTracker:
 
 
 class WandbTracker:
-    """A wandb run in the run dir; the id is kept in `wandb_run_id` so a resumed job continues it."""
+    """A wandb run; its id is kept in the run dir's `wandb_run_id` so a resumed job continues it.
+    `settings`: mode, project, entity and dir (WandbConfig.resolved: config > environment)."""
 
-    def __init__(self, run_dir: Path, mode: str, project: str, entity: str | None, group: str,
-                 name: str, tags: list[str], config: dict[str, Any]):
+    def __init__(self, run_dir: Path, settings: dict[str, Any], group: str, name: str,
+                 tags: list[str], config: dict[str, Any]):
         import wandb
 
         id_file = Path(run_dir) / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
+        Path(settings["dir"]).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=project, entity=entity, group=group, name=name, tags=list(tags),
-            config=config, dir=str(run_dir), mode=mode, id=run_id, resume="allow",
+            project=settings["project"], entity=settings["entity"], group=group, name=name,
+            tags=list(tags), config=config, dir=str(settings["dir"]), mode=settings["mode"],
+            id=run_id, resume="allow",
             settings=wandb.Settings(quiet=True, console="off", x_disable_stats=True),
         )
 

@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.config import ATTENTION_IMPLS, MeshConfig, ModelConfig, OptimConfig
+from jaxformer.models.flops import train_flops_per_example
 from jaxformer.parallel import make_mesh
 from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.training.state import init_train_state, state_layout
 from jaxformer.objectives import get_objective
 from jaxformer.training.step import make_train_step
+from jaxformer.training.throughput import measured_matmul_peak
 
 FAMILIES = ("decoder", "encoder", "encoder_decoder")
 OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
@@ -74,47 +76,16 @@ def model_config(family: str, shape: Shape, dtype: str = "float32") -> ModelConf
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
-def matmul_params(family: str, shape: Shape) -> int:
-    """Weights that take part in a matmul for every token (embedding lookups do not; the tied
-    output head does). The encoder-decoder's decoder side (cross-attention included) is counted
-    per target token and its encoder per source token, hence the split."""
-    d, f, v, n = shape.d_model, shape.d_ff, shape.vocab, shape.n_layers
-    block = 4 * d * d + 2 * d * f  # q, k, v, out + the MLP
-    if family == "decoder":
-        return n * block + d * v
-    if family == "encoder":
-        return n * block + d * d + d * v  # + MLM transform and head
-    raise ValueError("encoder_decoder counts its two sides apart: see flops_per_token")
-
-
 def flops_per_token(family: str, shape: Shape) -> float:
-    """Training FLOPs per (target) token: 6 x matmul weights (forward 2, backward 4) plus the
-    attention scores and weighted sums, 12 x layers x context x d_model, halved where causal."""
-    d, t, n = shape.d_model, shape.context, shape.n_layers
-    if family == "decoder":
-        return 6 * matmul_params(family, shape) + 12 * n * t * d / 2
-    if family == "encoder":
-        return 6 * matmul_params(family, shape) + 12 * n * t * d
-    # encoder-decoder: source and target of `context` tokens each, counted per target token
-    block = 4 * d * d + 2 * d * shape.d_ff
-    encoder = 6 * n * block + 12 * n * t * d
-    decoder = 6 * (n * (block + 4 * d * d) + d * shape.vocab) + 12 * n * t * d / 2 + 12 * n * t * d
-    return encoder + decoder
+    """Training FLOPs per (target) token, as the training logs count them (models/flops.py):
+    an encoder-decoder's source and target are both `context` tokens long."""
+    return train_flops_per_example(model_config(family, shape), shape.context) / shape.context
 
 
-def measured_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a large float32 matmul on the default device, its fastest of `repeats` (a peak,
-    and the least noisy statistic on a shared machine): the ceiling MFU is measured against (on
-    an accelerator, the chip's bf16 peak would be the fairer one: pass --peak)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / min(times)
+def measured_peak_flops() -> float:
+    """The ceiling MFU is measured against: the fastest 2048^3 float32 matmul (on an accelerator
+    the chip's bf16 peak is the fairer one: pass --peak)."""
+    return measured_matmul_peak(n=2048, repeats=10)
 
 
 # -- batches --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ def test_default_config_composes_to_typed_schema():
     config = to_train_config(compose_train())
     assert isinstance(config, TrainConfig)
     assert config.model.kind == "decoder" and config.task.name == "addition"
-    assert config.logger.wandb.mode == "offline"
+    assert config.logger.wandb.mode is None  # $WANDB_MODE, else offline (tests/test_tracking.py)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

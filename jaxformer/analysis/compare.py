@@ -39,6 +39,7 @@ from typing import Any, Optional
 import numpy as np
 from omegaconf import MISSING
 
+from jaxformer.config import lower_is_better
 from jaxformer.errors import UserError
 from jaxformer.runs import DIVERGED, FINISHED_STATE, INTERRUPTED, NOT_STARTED, RUNNING, RunDir, \
     find_runs
@@ -55,9 +56,9 @@ IGNORED = {"seed", "name", "trainer.progress", "trainer.log_every", "trainer.che
            "finetune.init_from"}
 IGNORED_SECTIONS = ("logger.",)
 HEADLINE = ("loss", "bpb", "perplexity", "accuracy", "exact_match")  # the printed table's metrics
-LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "ppl", "error")  # name parts; others: higher
 # train-record fields that are bookkeeping, not metrics to plot
-TRAIN_BOOKKEEPING = {"count", "nonfinite", "skipped_steps", "tokens_per_s", "lr", "epoch"}
+TRAIN_BOOKKEEPING = {"count", "nonfinite", "skipped_steps", "tokens_per_s", "step_time_s", "mfu",
+                     "lr", "epoch"}
 DEFAULT_METRICS = ("eval/bpb", "eval/loss", "train/loss")  # the plot's metric, first present
 
 
@@ -124,10 +125,6 @@ class RunRow:
                 pick = min if lower_is_better(name) else max
                 best[name[5:]] = pick(finite) if finite else math.nan
         return best
-
-
-def lower_is_better(metric: str) -> bool:
-    return any(part in metric for part in LOWER_IS_BETTER)
 
 
 def is_number(value: Any) -> bool:

@@ -8,6 +8,7 @@ values, raising `UserError` with one line that names the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sysconfig
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -33,7 +34,15 @@ DOCUMENT_SPLITS = ("file", "blank_line")  # a text file is one document | one pe
 SCHEDULES = ("cosine", "constant", "linear", "rsqrt", "wsd")  # see training/optim.py:make_schedule
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "lion", "muon")  # conf/optim/NAME.yaml each
 WANDB_MODES = ("offline", "online", "disabled")
+WANDB_ENV_ALIASES = {"dryrun": "offline", "run": "online"}  # older spellings wandb still reads
 BEST_METRICS = ("loss", "accuracy", "exact_match")  # the eval metrics every objective reports
+LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "ppl", "error")  # metric name parts; others: higher
+
+
+def lower_is_better(metric: str) -> bool:
+    """How a metric improves, read from its name (eval/bpb, loss, exact_match_3, ...)."""
+    return any(part in metric for part in LOWER_IS_BETTER)
+
 PARAM_GROUPS = ("embeddings", "blocks", "head")  # see jaxformer/training/finetune.py
 FINETUNE_MODES = ("full", "head_only")
 
@@ -200,8 +209,13 @@ class TrainerConfig:
     # step); then stop: end the run naming the step | skip: go on, counting skipped steps
     nonfinite: str = "stop"
     max_skipped_steps: int = 100  # nonfinite=skip: stop once more steps than this were skipped
+    # MFU's denominator, FLOP/s per device; None: the datasheet bf16 peak of a known GPU/TPU, a
+    # measured float32 matmul on CPU (training/throughput.py)
+    peak_flops: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.peak_flops is not None:
+            check_positive("trainer", self, "peak_flops")
         check_positive(
             "trainer", self, "steps", "batch_size", "log_every",
             "checkpoint_every", "keep_checkpoints", "eval_batch_size", "grad_accum",
@@ -229,7 +243,7 @@ class TrainerConfig:
         """min or max: how best_metric improves."""
         if self.best_mode != "auto":
             return self.best_mode
-        return "min" if self.best_metric == "loss" else "max"
+        return "min" if lower_is_better(self.best_metric) else "max"
 
 
 @dataclass
@@ -259,14 +273,39 @@ class MeshConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"
-    project: str = "jaxformer"
+    """None: the environment's WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY / WANDB_DIR, else the
+    default (offline, jaxformer, your default entity, the run dir): a value set here (in a
+    config file or an override) wins over the environment (tracking.py:wandb_settings)."""
+
+    mode: Optional[str] = None  # offline | online | disabled
+    project: Optional[str] = None
     entity: Optional[str] = None
     group: Optional[str] = None  # None: the experiment name
     tags: list[str] = field(default_factory=list)
+    dir: Optional[str] = None  # where wandb/ goes
 
     def __post_init__(self) -> None:
-        check_choice("logger.wandb", self, "mode", WANDB_MODES)
+        if self.mode is not None:
+            check_choice("logger.wandb", self, "mode", WANDB_MODES)
+        self.resolved_mode()  # a bad $WANDB_MODE fails here, before anything compiles
+
+    def resolved_mode(self) -> str:
+        if self.mode is not None:
+            return self.mode
+        env = os.environ.get("WANDB_MODE") or "offline"
+        mode = WANDB_ENV_ALIASES.get(env, env)
+        if mode not in WANDB_MODES:
+            raise UserError(f"WANDB_MODE={env!r} in the environment is not a wandb mode: use "
+                            f"{', '.join(WANDB_MODES)}, or set logger.wandb.mode")
+        return mode
+
+    def resolved(self, run_dir: str) -> dict[str, Any]:
+        """wandb.init's mode, project, entity and dir: this config's value, else the
+        environment's, else the default (entity None: wandb's default entity)."""
+        return {"mode": self.resolved_mode(),
+                "project": self.project or os.environ.get("WANDB_PROJECT") or "jaxformer",
+                "entity": self.entity or os.environ.get("WANDB_ENTITY") or None,
+                "dir": self.dir or os.environ.get("WANDB_DIR") or str(run_dir)}
 
 
 @dataclass

@@ -214,11 +214,12 @@ class TestTimeRun:
         record = {"step": self.step, "split": "test_time", **summary}
         path.write_text("".join(line + "\n" for line in [*kept, json.dumps(record)]))
         wb = self.config.logger.wandb
-        if wb.mode == "disabled":
+        settings = wb.resolved(directory)
+        if settings["mode"] == "disabled":
             return
         run_name = Path(self.config.checkpoint).absolute().name
         tracker = WandbTracker(
-            directory, wb.mode, wb.project, wb.entity, wb.group or self.train_cfg.name,
+            directory, settings, wb.group or self.train_cfg.name,
             f"{run_name}/{summary['settings']}", [*wb.tags, "test_time"],
             {"train": to_dict(self.train_cfg), "evaluate": to_dict(self.config), **run_metadata()})
         try:

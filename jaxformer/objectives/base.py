@@ -29,6 +29,7 @@ from jaxformer.data.tokenizers import PAD_ID, vocab_size
 from jaxformer.errors import UserError
 from jaxformer.models import resolve_model_config
 from jaxformer.models.decoding import completion_texts, generate
+from jaxformer.models.flops import train_flops_per_example
 
 Arrays = dict[str, np.ndarray]
 Batch = dict[str, jax.Array]
@@ -94,6 +95,11 @@ class Objective:
         """Positions the model must embed: the widest token array of this objective's batches
         (what tokens_per_s counts per example)."""
         raise NotImplementedError
+
+    def train_flops_per_example(self, model_cfg: ModelConfig, task: Any) -> float | None:
+        """Model FLOPs of one training example (models/flops.py), what MFU counts; None when
+        unknown (models without attention)."""
+        return train_flops_per_example(model_cfg, self.max_positions(task))
 
     # -- batches (data/pipeline.py's Encoding) ----------------------------------------------------
     def encode(self, task: Any, problems: Any) -> Arrays:

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxformer.data.tokenizers import BOS_ID, EOS_ID, encode_text
 from jaxformer.models.decoding import bos_prompts
+from jaxformer.models.flops import train_flops_per_example
 from jaxformer.objectives.base import (
     Arrays, EvalSet, GenerativeObjective, from_start, next_token_loss, pad_rows, text_ids,
 )
@@ -22,6 +23,9 @@ class Seq2Seq(GenerativeObjective):
 
     def max_positions(self, task) -> int:
         return max(task.src_len, task.tgt_len)
+
+    def train_flops_per_example(self, model_cfg, task) -> float | None:
+        return train_flops_per_example(model_cfg, task.tgt_len, source_positions=task.src_len)
 
     def encode(self, task, problems) -> Arrays:
         prompts, answers = text_ids(task, problems)

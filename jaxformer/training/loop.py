@@ -20,7 +20,7 @@ from flax import nnx
 from jaxformer.config import TrainConfig
 from jaxformer.parallel import global_batch, initialize_distributed, is_main_process, use_mesh
 from jaxformer.progress import Progress
-from jaxformer.runs import METRICS, RunDir
+from jaxformer.runs import METRICS, RunDir, metrics_summary
 from jaxformer.training.evaluation import eval_loss, exact_match
 from jaxformer.training.hooks import Hooks, StepInfo
 from jaxformer.training.preemption import Preempted, SaveTriggers
@@ -93,9 +93,8 @@ class TrainingLoop:
         self.loop = LoopState(setup.state)
         self.progress = Progress(trainer.steps, initial=setup.start_step, desc="train",
                                  unit="step", enabled=trainer.progress and is_main_process())
-        tokens_per_step = trainer.batch_size * prepared.objective.max_positions(prepared.task)
         self.log = TrainLog(setup.tracker, trainer, setup.checkpointer, self.progress,
-                            tokens_per_step, setup.start_step,
+                            setup.step_cost, setup.start_step,
                             getattr(prepared.task, "train_rows", None))
         self.before_update, self.after_update = Hooks(), Hooks()
         self.before_update.add(self.diagnose, every=trainer.diagnostics_every)
@@ -121,8 +120,8 @@ class TrainingLoop:
                 self.evaluate(setup.start_step)
             setup.checkpointer.wait()
             samples = self.samples()
-            summary = {f"eval/{key}": value for key, value in loop.eval_metrics.items()}
-            setup.tracker.summary({"step": int(loop.state.step), **summary})
+            records = RunDir(self.run_dir).metrics() if is_main_process() else []
+            setup.tracker.summary({"step": int(loop.state.step), **metrics_summary(records)})
         finally:
             self.progress.close()
             setup.checkpointer.close()

@@ -51,6 +51,8 @@ from jaxformer.training.optim import make_optimizer, make_schedule
 from jaxformer.training.run_dir import check_writable
 from jaxformer.training.state import TrainState, init_train_state, state_layout
 from jaxformer.training.step import StepShardings, make_eval_step, make_train_step
+from jaxformer.training.throughput import Peak, device_peak
+from jaxformer.training.train_log import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +150,11 @@ def make_tracker(cfg: TrainConfig, run_dir: Path, resume_step: int,
         return MultiTracker([]), None
     trackers: list[Tracker] = [JsonlTracker(run_dir / METRICS, resume_step)]
     wandb_dir = None
-    if cfg.logger.wandb.mode != "disabled":
-        wb = cfg.logger.wandb
-        wandb_tracker = WandbTracker(
-            run_dir, wb.mode, wb.project, wb.entity, wb.group or cfg.name,
-            config.get("job_name") or run_dir.name, wb.tags, config,
-        )
+    wb = cfg.logger.wandb
+    settings = wb.resolved(run_dir)
+    if settings["mode"] != "disabled":
+        wandb_tracker = WandbTracker(run_dir, settings, wb.group or cfg.name,
+                                     config.get("job_name") or run_dir.name, wb.tags, config)
         trackers.append(wandb_tracker)
         wandb_dir = wandb_tracker.location
     return MultiTracker(trackers), wandb_dir
@@ -177,6 +178,7 @@ class TrainSetup:
     heldout: EvalSet
     tracker: Tracker
     wandb_dir: str | None
+    step_cost: StepCost  # what the train records' throughput fields divide
 
     @property
     def resumed(self) -> bool:
@@ -245,13 +247,25 @@ def set_up(cfg: TrainConfig, run_dir: Path, job_name: str | None, prepared: Prep
     n_params = count_params(state.params)
     meta = {"model": to_dict(model_cfg), "n_params": n_params, "objective": objective.name,
             "tokenizer_sha256": tokens_by, **optimizer_settings}
+    step_cost, peak = train_step_cost(cfg, prepared)
     config = {  # the run's wandb config
         **to_dict(cfg), "model": to_dict(model_cfg), "n_params": n_params,
         "job_name": job_name, "objective": objective.name, **run_metadata(),
+        "throughput": {"tokens_per_step": step_cost.tokens, "model_flops_per_step": step_cost.flops,
+                       "peak_flops": step_cost.peak_flops, "peak": peak.source},
     }
     if init_plan is not None:
         config["init_from"] = init_plan.report()
     tracker, wandb_dir = make_tracker(cfg, run_dir, start_step, config)  # last: nothing fails after
     return TrainSetup(state, start_step, data_iter, checkpointer, meta, init_plan, train_step,
                       make_eval_step(graphdef, rest, objective), diagnose, graphdef, rest, heldout,
-                      tracker, wandb_dir)
+                      tracker, wandb_dir, step_cost)
+
+
+def train_step_cost(cfg: TrainConfig, prepared: Prepared) -> tuple[StepCost, Peak]:
+    """Tokens and model FLOPs of one optimizer step, and the peak MFU is measured against."""
+    batch = cfg.trainer.batch_size
+    per_example = prepared.objective.train_flops_per_example(prepared.model_cfg, prepared.task)
+    peak = device_peak(cfg.trainer.peak_flops)
+    return StepCost(batch * prepared.objective.max_positions(prepared.task),
+                    None if per_example is None else batch * per_example, peak.flops), peak

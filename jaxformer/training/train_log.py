@@ -7,6 +7,7 @@ is written every trainer.log_every steps, at the last step, and for every skippe
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from jaxformer.config import TrainerConfig
@@ -40,12 +41,29 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in to_host(metrics).items()}
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """What one optimizer step processes: the throughput fields of each train record divide it
+    by the time steps took (wall clock between records, compilation included in the first)."""
+
+    tokens: int  # batch_size x the objective's positions
+    flops: float | None = None  # model FLOPs (objective.train_flops_per_example x batch_size)
+    peak_flops: float = 0.0  # FLOP/s of all devices (training/throughput.py); 0: unknown
+
+    def metrics(self, steps: int, seconds: float) -> dict[str, float]:
+        seconds = max(seconds, 1e-9)
+        out = {"tokens_per_s": self.tokens * steps / seconds, "step_time_s": seconds / steps}
+        if self.flops and self.peak_flops:
+            out["mfu"] = self.flops * steps / seconds / self.peak_flops
+        return out
+
+
 class TrainLog:
     def __init__(self, tracker: Tracker, trainer: TrainerConfig, checkpointer: Checkpointer,
-                 progress: Progress, tokens_per_step: int, start_step: int,
+                 progress: Progress, cost: StepCost, start_step: int,
                  rows_per_epoch: int | None = None):
         self.tracker, self.trainer, self.checkpointer = tracker, trainer, checkpointer
-        self.progress, self.tokens_per_step = progress, tokens_per_step
+        self.progress, self.cost = progress, cost
         self.rows_per_epoch = rows_per_epoch  # a corpus of fixed rows (text): epochs are logged
         self.pending: tuple[int, dict] | None = None  # a dispatched step's metrics, unread
         self.pending_diagnostics: tuple[int, dict] | None = None
@@ -80,8 +98,7 @@ class TrainLog:
         if not self.is_log_step(step, metrics):
             return
         now = time.perf_counter()
-        metrics["tokens_per_s"] = (self.tokens_per_step * (step - self.last_step)
-                                   / max(now - self.last_time, 1e-9))
+        metrics.update(self.cost.metrics(step - self.last_step, now - self.last_time))
         self.last_time, self.last_step = now, step
         if self.rows_per_epoch:
             metrics["epoch"] = step * self.trainer.batch_size / self.rows_per_epoch
