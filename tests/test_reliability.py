@@ -240,7 +240,7 @@ def test_configs_cannot_instantiate_arbitrary_code(tmp_path, override, path):
     assert done.returncode == 2 and not (tmp_path / "run").exists()
     assert done.stderr.strip() == (
         f"error: {path}._target_={override.split('=', 1)[1]} is not allowed: only classes under "
-        "hydra., hydra_plugins., jaxformer. may be instantiated")
+        "hydra., hydra_plugins., jaxformer., optuna.samplers. may be instantiated")
 
 
 def test_wandb_api_key_never_reaches_the_run_dir(tmp_path):

@@ -32,6 +32,7 @@ import math
 import os
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -54,7 +55,7 @@ IGNORED = {"seed", "name", "trainer.progress", "trainer.log_every", "trainer.che
            "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id",
            "task.data_dir", "data.paths", "data.exclude", "data.out_dir", "tokenizer.path",
            "finetune.init_from"}
-IGNORED_SECTIONS = ("logger.",)
+IGNORED_SECTIONS = ("logger.", "score.")  # score: what a search optimises
 HEADLINE = ("loss", "bpb", "perplexity", "accuracy", "exact_match")  # the printed table's metrics
 # train-record fields that are bookkeeping, not metrics to plot
 TRAIN_BOOKKEEPING = {"count", "nonfinite", "skipped_steps", "tokens_per_s", "step_time_s", "mfu",
@@ -131,9 +132,8 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_run(run: RunDir) -> RunRow:
-    records = run.metrics()
-    row = RunRow(run.path, run.state(records))
+def metric_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """eval/NAME, train/NAME -> (step, value) in the records' order (train bookkeeping left out)."""
     curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for record in records:
         split = record.get("split")
@@ -143,7 +143,13 @@ def read_run(run: RunDir) -> RunRow:
             if key not in ("step", "split") and is_number(value) and not (
                     split == "train" and key in TRAIN_BOOKKEEPING):
                 curves[f"{split}/{key}"].append((int(record["step"]), float(value)))
-    row.curves = dict(curves)
+    return dict(curves)
+
+
+def read_run(run: RunDir) -> RunRow:
+    records = run.metrics()
+    row = RunRow(run.path, run.state(records))
+    row.curves = metric_curves(records)
     train = [r for r in records if r.get("split") == "train"]
     row.steps = train[-1]["step"] if train else None
     rates = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
@@ -469,19 +475,26 @@ class Comparison:
         return self.files
 
 
-def resolve_metric(name: str | None, rows: list[RunRow]) -> str | None:
-    """`loss` -> eval/loss; checked against the metrics the runs recorded."""
-    seen = dict.fromkeys(m for row in rows for m in row.curves)  # in the records' order
-    available = sorted(seen, key=lambda m: not m.startswith("eval/"))  # eval ones first
-    if name is None:
-        return next((m for m in DEFAULT_METRICS if m in available), None)
+def qualify_metric(name: str, recorded: Iterable[str], key: str = "metric",
+                   whose: str = "these runs") -> str:
+    """`loss` -> eval/loss (eval/NAME and train/NAME as they are), checked against the `recorded`
+    metric names (in the records' order): one line naming `key` and the choices if absent."""
+    available = sorted(dict.fromkeys(recorded), key=lambda m: not m.startswith("eval/"))
     qualified = name if name.startswith(("eval/", "train/")) else f"eval/{name}"
     if qualified not in available:
         choices = ", ".join(m.removeprefix("eval/") for m in available)
-        raise UserError(f"metric={name} is not a metric of these runs: "
+        raise UserError(f"{key}={name} is not a metric of {whose}: "
                         + (f"pick one of {choices} (bare names are eval metrics)" if choices
-                           else "they have no metric records"))
+                           else "no metric records"))
     return qualified
+
+
+def resolve_metric(name: str | None, rows: list[RunRow]) -> str | None:
+    """`loss` -> eval/loss; checked against the metrics the runs recorded (None: the default)."""
+    seen = [m for row in rows for m in row.curves]
+    if name is None:
+        return next((m for m in DEFAULT_METRICS if m in seen), None)
+    return qualify_metric(name, seen)
 
 
 def read_runs(paths: list[str]) -> list[RunRow]:

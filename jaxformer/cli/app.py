@@ -38,8 +38,11 @@ CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 CONF_PATH = str(CONF_DIR)  # hydra.main's config_path: absolute, whatever module runs the app
 MULTIRUN_FLAGS = ("-m", "--multirun")
 JOB_DIR_MAX = 120  # characters of a sweep job's directory name (file systems allow 255 bytes)
-# what Hydra may instantiate from a config: its own launchers and sweepers, and jaxformer's
-TARGET_PREFIXES = ("hydra.", "hydra_plugins.", "jaxformer.")
+# what Hydra may instantiate from a config: its own launchers and sweepers, jaxformer's, and
+# Optuna's samplers (hydra/sweeper=optuna instantiates hydra.sweeper.sampler)
+TARGET_PREFIXES = ("hydra.", "hydra_plugins.", "jaxformer.", "optuna.samplers.")
+# keys naming a callable Hydra imports, as _target_ does (the Optuna sweeper's search-space hook)
+TARGET_KEYS = ("_target_", "custom_search_space")
 
 
 def job_dir_name(override_dirname: str, job_num: int | str) -> str:
@@ -63,10 +66,11 @@ def check_targets(cfg: DictConfig) -> None:
     Hydra import and call arbitrary code (`hydra.launcher._target_=os.system`)."""
     def walk(node, path: str) -> None:
         if isinstance(node, dict):
-            target = node.get("_target_")
-            if target is not None and not str(target).startswith(TARGET_PREFIXES):
-                raise UserError(f"{path}._target_={target} is not allowed: only classes under "
-                                f"{', '.join(TARGET_PREFIXES)} may be instantiated")
+            for key in TARGET_KEYS:
+                target = node.get(key)
+                if target is not None and not str(target).startswith(TARGET_PREFIXES):
+                    raise UserError(f"{path}.{key}={target} is not allowed: only classes under "
+                                    f"{', '.join(TARGET_PREFIXES)} may be instantiated")
             for key, value in node.items():
                 walk(value, f"{path}.{key}" if path else str(key))
         elif isinstance(node, list):
@@ -75,8 +79,17 @@ def check_targets(cfg: DictConfig) -> None:
     walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
+# Hydra plugins the configs name that are optional extras: a missing one names its install
+PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "hydra-optuna-sweeper: pip install -e \".[search]\"",
+                 "hydra/launcher/submitit_slurm": "hydra-submitit-launcher: pip install -e "
+                                                  "\".[slurm]\""}
+
+
 def _one_line(err: Exception) -> str:
     head = str(err).strip().splitlines()[0].rstrip(".")
+    missing = [f"needs {extra}" for name, extra in PLUGIN_EXTRAS.items() if f"'{name}'" in head]
+    if isinstance(err, MissingConfigException) and missing:
+        return f"{head} ({missing[0]})"
     if isinstance(err, MissingConfigException) and "Available options in" in str(err):
         lines = str(err).split("Available options in", 1)[1].splitlines()[1:]
         options = []
@@ -102,8 +115,10 @@ def _check_output_dir(key: str, value: str) -> None:
                  "choose another directory")
 
 
-def preflight(argv: list[str], config_name: str, validate: Callable[[DictConfig], object]) -> None:
-    """Exit with one clear line if the command line cannot make a valid config."""
+def preflight(argv: list[str], config_name: str, validate: Callable[[DictConfig], object],
+              check_sweeper: Callable[[DictConfig, DictConfig], None] | None = None) -> None:
+    """Exit with one clear line if the command line cannot make a valid config (`check_sweeper`:
+    also the app's config against the composed `hydra.sweeper`, once `validate` passed)."""
     if any(arg.startswith("-") and arg not in MULTIRUN_FLAGS for arg in argv):
         return  # --help, --cfg, -cn ...: Hydra's own business
     try:
@@ -119,7 +134,9 @@ def preflight(argv: list[str], config_name: str, validate: Callable[[DictConfig]
         if override.key_or_group in ("hydra.run.dir", "hydra.sweep.dir"):
             _check_output_dir(override.key_or_group, override.value())
             continue  # may hold ${now:...}, resolved by Hydra's own run
-        if override.is_sweep_override():
+        if override.is_interval_sweep():  # a search's range (hydra/sweeper=optuna): its start
+            overrides.append(f"{key}={override.value().start}")
+        elif override.is_sweep_override():
             overrides.append(f"{key}={next(override.sweep_string_iterator())}")
         else:
             overrides.append(override.input_line)
@@ -127,9 +144,12 @@ def preflight(argv: list[str], config_name: str, validate: Callable[[DictConfig]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         check_targets(cfg)
+        sweeper = cfg.hydra.sweeper
         with open_dict(cfg):
             del cfg["hydra"]
         validate(cfg)
+        if check_sweeper is not None:
+            check_sweeper(sweeper, cfg)
     except Exception as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
@@ -196,8 +216,9 @@ def name_jobs_by_swept_keys(argv: list[str]) -> list[str]:
 # -- the app's frame ------------------------------------------------------------------------------
 def quiet_libraries(level: int = logging.ERROR) -> None:
     """absl / orbax / jax chatter stays out of the console (Hydra's job logging turns the root
-    logger to INFO); the train app keeps their warnings (level WARNING) for train.log."""
-    for noisy in ("absl", "orbax", "jax"):
+    logger to INFO); the train app keeps their warnings (level WARNING) for train.log. alembic:
+    Optuna's database layer, imported by hydra/sweeper=optuna, lists its plugins at INFO."""
+    for noisy in ("absl", "orbax", "jax", "alembic"):
         logging.getLogger(noisy).setLevel(level)
 
 
@@ -219,12 +240,14 @@ def user_errors():
 
 
 def run_app(main: Callable[[], Any], config_name: str, validate: Callable[[DictConfig], object],
-            *, free_text_keys: tuple[str, ...] = (), sweeps: bool = False) -> None:
+            *, free_text_keys: tuple[str, ...] = (), sweeps: bool = False,
+            check_sweeper: Callable[[DictConfig, DictConfig], None] | None = None) -> None:
     """`python -m jaxformer.NAME`: quote free-text values, refuse a bad command line in one
-    line before Hydra starts, and (`sweeps`: train) name sweep jobs by their swept keys and
-    keep other processes of a multi-host job from writing Hydra's files; then run `main`."""
+    line before Hydra starts (`check_sweeper`: see preflight), and (`sweeps`: train) name sweep
+    jobs by their swept keys and keep other processes of a multi-host job from writing Hydra's
+    files; then run `main`."""
     argv = quote_free_text(sys.argv[1:], free_text_keys) if free_text_keys else sys.argv[1:]
-    preflight(argv, config_name, validate)
+    preflight(argv, config_name, validate, check_sweeper)
     if sweeps:
         argv = name_jobs_by_swept_keys(per_process_overrides(argv))
     sys.argv[1:] = argv

@@ -406,6 +406,27 @@ class FinetuneConfig:
             getattr(self.lr_multipliers, group) != 1.0 for group in PARAM_GROUPS)
 
 
+SCORE_MODES = ("min", "max")
+SCORE_REDUCTIONS = ("best", "final")
+
+
+@dataclass
+class ScoreConfig:
+    """The number `python -m jaxformer.train` returns to a sweeper that reads it (hydra/sweeper=
+    optuna: jaxformer/analysis/score.py). Off (null metric) unless a search sets it."""
+
+    metric: Optional[str] = None  # an eval metric (bpb, loss, accuracy...; eval/NAME, train/NAME)
+    mode: str = "min"  # min | max: how the metric improves (the sweeper's direction must agree)
+    reduce: str = "best"  # best: over the run's records of the metric | final: its last one
+
+    def __post_init__(self) -> None:
+        check_choice("score", self, "mode", SCORE_MODES)
+        check_choice("score", self, "reduce", SCORE_REDUCTIONS)
+        if self.metric is not None and not str(self.metric).strip():
+            raise UserError("score.metric is empty: name an eval metric (bpb, loss, accuracy...) "
+                            "or null for no score")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -417,6 +438,7 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     data: DataConfig = field(default_factory=DataConfig)  # task=text: the corpus to prepare
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # task=text: its tokenizer
+    score: ScoreConfig = field(default_factory=ScoreConfig)  # what a search (Optuna) optimises
     seed: int = 0
     name: str = "default"  # experiment name: the wandb group and the run dir's parent
 
