@@ -72,6 +72,11 @@ def stops_training(record: dict, trainer: TrainerConfig) -> bool:
     return trainer.nonfinite != "skip" or record["skipped_steps"] > trainer.max_skipped_steps
 
 
+# train-record fields measured in wall time (training/train_log.py): they differ between two runs
+# of the same bits, and a summary leaves them out
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "mfu")
+
+
 def metrics_summary(records: list[dict]) -> dict[str, float]:
     """A run's summary from its records: each train and eval metric's last value (`train/NAME`,
     `eval/NAME`), and each eval metric's best (`best/eval/NAME`, lower or higher as its name
@@ -82,7 +87,7 @@ def metrics_summary(records: list[dict]) -> dict[str, float]:
         if split not in ("train", "eval"):
             continue
         for name, value in record.items():
-            if name in ("step", "split") or not isinstance(value, (int, float)) \
+            if name in ("step", "split", *TIMING_KEYS) or not isinstance(value, (int, float)) \
                     or isinstance(value, bool):
                 continue
             summary[f"{split}/{name}"] = value

@@ -26,7 +26,7 @@ from jaxformer.data.tasks import build_task
 from jaxformer.models import build_model
 from jaxformer.training.checkpoint import Checkpointer
 from jaxformer.training.loop import train
-from jaxformer.runs import RunDir
+from jaxformer.runs import TIMING_KEYS, RunDir
 from jaxformer.training.run_dir import RunLock
 from jaxformer.models import split_model
 from jaxformer.objectives import OBJECTIVES
@@ -40,7 +40,6 @@ RUN_CLI = [
     "trainer.keep_checkpoints=20", "trainer.steps=300", "trainer.progress=false",
     "logger.wandb.mode=offline",
 ]
-TIMING_KEYS = ("tokens_per_s",)
 
 
 def records(run_dir: Path) -> list[dict]:

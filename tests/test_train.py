@@ -10,6 +10,7 @@ import pytest
 
 from helpers import replace, run_module, tiny_config
 from jaxformer.errors import UserError
+from jaxformer.runs import TIMING_KEYS
 from jaxformer.training.loop import train
 
 
@@ -40,7 +41,7 @@ def test_resume_continues_the_step_count_and_is_exact(tmp_path):
     steps = [r["step"] for r in records(interrupted, "train")]
     assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 4, records past the checkpoint replaced
     assert records(interrupted, "train") == [
-        {**r, "tokens_per_s": s["tokens_per_s"]}
+        {**r, **{key: s[key] for key in TIMING_KEYS}}
         for r, s in zip(records(straight, "train"), records(interrupted, "train"))
     ]
     assert records(interrupted, "eval")[-1] == records(straight, "eval")[-1]

@@ -42,8 +42,9 @@ from omegaconf import MISSING
 
 from jaxformer.config import lower_is_better
 from jaxformer.errors import UserError
-from jaxformer.runs import DIVERGED, FINISHED_STATE, INTERRUPTED, NOT_STARTED, RUNNING, RunDir, \
-    find_runs
+from jaxformer.runs import (
+    DIVERGED, FINISHED_STATE, INTERRUPTED, NOT_STARTED, RUNNING, TIMING_KEYS, RunDir, find_runs,
+)
 
 USAGE = "python -m jaxformer.compare RUN_OR_SWEEP_DIR... [--by KEY,KEY] [--metric NAME] [--out DIR]"
 # config keys that differ between runs without changing what is trained: never grouped by
@@ -58,8 +59,7 @@ IGNORED = {"seed", "name", "trainer.progress", "trainer.log_every", "trainer.che
 IGNORED_SECTIONS = ("logger.", "score.")  # score: what a search optimises
 HEADLINE = ("loss", "bpb", "perplexity", "accuracy", "exact_match")  # the printed table's metrics
 # train-record fields that are bookkeeping, not metrics to plot
-TRAIN_BOOKKEEPING = {"count", "nonfinite", "skipped_steps", "tokens_per_s", "step_time_s", "mfu",
-                     "lr", "epoch"}
+TRAIN_BOOKKEEPING = {"count", "nonfinite", "skipped_steps", "lr", "epoch", *TIMING_KEYS}
 DEFAULT_METRICS = ("eval/bpb", "eval/loss", "train/loss")  # the plot's metric, first present
 
 
