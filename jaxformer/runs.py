@@ -112,8 +112,11 @@ class RestoredRun(NamedTuple):
 class RunDir:
     """A run directory, read lazily; `RunDir.open` checks that it is one."""
 
-    path: Path
+    path: Path  # a str is taken too
     key: str = "checkpoint"  # the setting that named it, for error messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # frozen: set once, here
 
     @classmethod
     def open(cls, path: Path | str, key: str = "checkpoint", *, checkpoints: bool = True) -> RunDir:

@@ -138,7 +138,7 @@ def test_offline_wandb_run_reads_back_as_metrics_jsonl(monkeypatch, tmp_path):
     assert run["id"] == (run_dir / "wandb_run_id").read_text()
     cfg = run["config"]
     assert cfg["model"]["d_model"] == 32 and cfg["optim"]["lr"] == config.optim.lr
-    assert cfg["job_name"] == "optim.lr=0.001" and cfg["n_params"] == RunDir(run_dir).n_params
+    assert cfg["job_name"] == "optim.lr=0.001" and cfg["n_params"] == RunDir(str(run_dir)).n_params
     assert cfg["git_sha"] and cfg["devices"]["platform"] == "cpu"
     assert cfg["throughput"]["model_flops_per_step"] > 0 and cfg["throughput"]["peak_flops"] > 0
 
