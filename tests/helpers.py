@@ -52,9 +52,11 @@ def compose_train(*overrides: str):
 
 
 # -- processes ------------------------------------------------------------------------------------
-def run_module(module: str, *args: str, cwd: Path = REPO, timeout: int = 300):
-    """Run `python -m module args` as a user would; returns the CompletedProcess."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu"}
+def run_module(module: str, *args: str, cwd: Path = REPO, timeout: int = 300,
+               env: dict[str, str] | None = None):
+    """Run `python -m module args` as a user would (`env`: variables set on top of this
+    process's, wandb disabled unless it says otherwise); returns the CompletedProcess."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -5,7 +5,7 @@ it, with the environment's WANDB_* settings honoured."""
 from __future__ import annotations
 
 import pytest
-from helpers import replace, tiny_config
+from helpers import replace, run_module, tiny_config
 from wandb_offline import read_offline_run
 
 from jaxformer.config import ModelConfig, WandbConfig, lower_is_better
@@ -108,8 +108,17 @@ def test_environment_fills_what_the_config_leaves_unset(monkeypatch, tmp_path):
     assert WandbConfig().resolved(tmp_path)["mode"] == "offline"
     monkeypatch.setenv("WANDB_MODE", "sometimes")
     with pytest.raises(UserError, match="WANDB_MODE='sometimes' in the environment"):
-        WandbConfig()
-    WandbConfig(mode="disabled")  # an explicit mode does not read the environment
+        WandbConfig().resolved(tmp_path)
+    WandbConfig(mode="disabled").resolved(tmp_path)  # an explicit mode ignores the environment
+
+
+def test_a_bad_wandb_mode_in_the_environment_is_one_line_before_training(tmp_path):
+    done = run_module("jaxformer.train", "trainer.steps=2", f"hydra.run.dir={tmp_path}",
+                      env={"WANDB_MODE": "sometimes"})
+    assert done.returncode == 2 and not (tmp_path / "checkpoints").exists()
+    assert done.stderr.strip() == ("error: WANDB_MODE='sometimes' in the environment is not a "
+                                   "wandb mode: use offline, online, disabled, or set "
+                                   "logger.wandb.mode")
 
 
 def test_wandb_mode_disabled_in_the_environment_writes_no_run(monkeypatch, tmp_path):

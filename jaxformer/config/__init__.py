@@ -287,7 +287,6 @@ class WandbConfig:
     def __post_init__(self) -> None:
         if self.mode is not None:
             check_choice("logger.wandb", self, "mode", WANDB_MODES)
-        self.resolved_mode()  # a bad $WANDB_MODE fails here, before anything compiles
 
     def resolved_mode(self) -> str:
         if self.mode is not None:
@@ -482,6 +481,8 @@ def to_config(cfg: DictConfig, schema: type, usage: str) -> Any:
         raise UserError(str(err).splitlines()[0]) from err
     if not isinstance(obj, schema):
         raise UserError(f"the composed config is not a {schema.__name__}: {usage}")
+    if isinstance(getattr(obj, "logger", None), LoggerConfig):
+        obj.logger.wandb.resolved_mode()  # a bad $WANDB_MODE: one line before anything runs
     return obj
 
 
