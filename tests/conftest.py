@@ -1,5 +1,5 @@
-"""The test session's environment: wandb off, and one persistent XLA compilation cache that every
-test and subprocess shares. Shared helpers live in tests/helpers.py."""
+"""The test session's environment: wandb off, XLA's quick-compile settings, and one persistent XLA
+compilation cache that every test and subprocess shares. Shared helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -13,3 +13,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxformer-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# The tests check behaviour on tiny shapes, where XLA:CPU's compile is most of each test's time:
+# compile without backend optimisation and with the classic fusion emitters (a tiny train step:
+# 4.3 s -> 0.8 s; docs/performance.md, "The test suite"). Numerics are XLA's either way, up to
+# float rounding. JAXFORMER_TEST_XLA_DEFAULTS=1 runs the suite with XLA's own defaults.
+QUICK_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+if os.environ.get("JAXFORMER_TEST_XLA_DEFAULTS") != "1" and \
+        QUICK_COMPILE_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {QUICK_COMPILE_FLAGS}".strip()

@@ -62,8 +62,11 @@ def run_module(module: str, *args: str, cwd: Path = REPO, timeout: int = 300,
 
 
 def multidevice_env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    """This process's environment for a subprocess with `devices` CPU devices (its XLA_FLAGS
+    kept: conftest.py's compile settings)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu",
+            "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
 
 
 def read_losses(path: Path) -> dict[int, float]:

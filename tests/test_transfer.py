@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from tokenizers import Tokenizer, models
 
 from helpers import (
-    REPO, classify, finetune, finetuned_config, read_losses, replace, run_module,
+    REPO, classify, finetune, finetuned_config, multidevice_env, read_losses, replace, run_module,
     sort_config,
 )
 from jaxformer.config import (
@@ -109,11 +108,9 @@ def test_an_untied_output_head_is_in_the_head_group():
 def test_sharded_finetuning_loads_and_trains_as_on_one_device(pretrained, finetuned, tmp_path):
     """data=2 fsdp=2 tensor=2: the loaded weights land in the sharded state (the frozen layer is
     the source's, bit for bit) and the losses are the one-device run's."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, str(REPO / "tests" / "multidevice_finetune.py"),
-                           str(pretrained), str(tmp_path / "run")], env=env, capture_output=True,
-                          text=True, timeout=600)
+                           str(pretrained), str(tmp_path / "run")], env=multidevice_env(8),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one = read_losses(finetuned.metrics_path)
     eight = read_losses(tmp_path / "run")
