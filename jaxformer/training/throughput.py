@@ -9,6 +9,8 @@ it is the fastest of a few float32 matmuls measured once at the start of the run
 
 from __future__ import annotations
 
+import functools
+
 import time
 from dataclasses import dataclass
 
@@ -53,9 +55,12 @@ def datasheet_peak(device_kind: str) -> float | None:
     return next((flops for name, flops in PEAK_BF16_FLOPS if name in device_kind), None)
 
 
+@functools.cache
 def measured_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of an n x n float32 matmul on the default device, the fastest of `repeats` (a peak,
-    and the least noisy statistic on a shared machine)."""
+    and the least noisy statistic on a shared machine). Measured once per process: the host does
+    not change between the runs of one process (a sweep's jobs in one launcher, a test session),
+    and each measurement costs a compile (~1 s on 8 CPU devices)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
