@@ -14,8 +14,9 @@
     data      rows/s of the text input pipeline (a prepared corpus, grain) next to the rows/s the
               train step consumes at the same shape, in the same run (scripts/bench_data.py)
     sample    tokens/s of KV-cache sampling (jaxformer.models.decoding.generate, after compile, median of
-              --repeats), prefill and per-step times, and in the same run Hugging Face
-              `GPT2LMHeadModel.generate()` of the same shape on PyTorch CPU (--no-peer skips it);
+              --repeats), prefill and per-step times; the step time of a bare loop of the same
+              matmuls (the memory-bound reference: bare_over_decode_step); and in the same run
+              Hugging Face `GPT2LMHeadModel.generate()` of the same shape on PyTorch CPU (--no-peer skips it);
               defaults: vocab 8192, d_model 256, 4 layers, 4 heads, d_ff 1024, context 256,
               8 prompts of 16 tokens, 112 new tokens, temperature 0.8, top-k 50, top-p 0.9
 
@@ -175,18 +176,24 @@ def add_compile_options(parser: argparse.ArgumentParser) -> None:
 
 # -- sample ---------------------------------------------------------------------------------------
 def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    times = []
+    return interleaved_medians({"run": run}, repeats)["run"]
+
+
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each run over `repeats` rounds that take the runs in turn: a shared
+    machine's speed drifts between seconds, and ratios of runs timed side by side drift less."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
-def time_jax_sampling(args: argparse.Namespace) -> dict:
-    """Compile once, then the median of `repeats` full decodes (prefill + new tokens); a
-    one-token decode (prefill + one draw) gives the prefill time and, by difference, the step
-    (a difference of medians: noisy at toy sizes)."""
+def jax_decodes(args: argparse.Namespace) -> tuple[dict[str, Callable[[], object]], float]:
+    """({"prefill": prefill + one draw, "decode": prefill + new tokens}, compile seconds):
+    jaxformer.models.decoding.generate at the bench's shape, compiled."""
     model = build_model(sample_model_config(args), seed=0)
     prompts = np.random.default_rng(0).integers(5, args.vocab, (args.batch, args.prompt_len))
     lens = np.full(args.batch, args.prompt_len)
@@ -201,12 +208,74 @@ def time_jax_sampling(args: argparse.Namespace) -> dict:
     decode(args.new_tokens)()
     compile_s = time.perf_counter() - start
     decode(1)()
-    prefill_s = median_seconds(decode(1), args.repeats)
-    total_s = median_seconds(decode(args.new_tokens), args.repeats)
+    return {"prefill": decode(1), "decode": decode(args.new_tokens)}, compile_s
+
+
+def bare_matmul_loop(args: argparse.Namespace) -> Callable[[], object]:
+    """The memory-bound reference for decoding, compiled: a `fori_loop` of only a decode step's
+    matmuls at the bench's shape (per layer: one fused QKV, the cache write, q.K^T and weights.V
+    over the whole cache, the output projection, the MLP's two; then the tied output layer),
+    argmax feeding the next token so no step can be hoisted. No norms, softmax or sampling."""
+    d, heads, layers = args.d_model, args.n_heads, args.n_layers
+    head_dim, width = d // heads, args.prompt_len + args.new_tokens
+    rng = np.random.default_rng(0)
+
+    def weight(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32) / np.sqrt(shape[0]))
+
+    params = {"embed": weight(args.vocab, d),
+              "layers": [(weight(d, 3 * d), weight(d, d), weight(d, args.d_ff),
+                          weight(args.d_ff, d)) for _ in range(layers)]}
+    empty = jnp.zeros((args.batch, heads, width, head_dim), jnp.float32)
+
+    @jax.jit
+    def loop(params, tokens_b, caches):
+        def step(i, carry):
+            tokens_b, caches = carry
+            pos = args.prompt_len + i
+            x_bd = params["embed"][tokens_b]
+            updated = []
+            for (w_qkv, w_out, w_up, w_down), (k_bhwd, v_bhwd) in zip(params["layers"], caches):
+                qkv_3bhd = (x_bd @ w_qkv).reshape(-1, 3, heads, head_dim).swapaxes(0, 1)
+                q_bhd, k_bhd, v_bhd = qkv_3bhd
+                k_bhwd = jax.lax.dynamic_update_slice_in_dim(k_bhwd, k_bhd[:, :, None], pos, 2)
+                v_bhwd = jax.lax.dynamic_update_slice_in_dim(v_bhwd, v_bhd[:, :, None], pos, 2)
+                scores_bhw = jnp.einsum("bhd,bhwd->bhw", q_bhd, k_bhwd)
+                attended_bd = jnp.einsum("bhw,bhwd->bhd", scores_bhw, v_bhwd).reshape(-1, d)
+                x_bd = x_bd + attended_bd @ w_out
+                x_bd = x_bd + (x_bd @ w_up) @ w_down
+                updated.append((k_bhwd, v_bhwd))
+            logits_bv = x_bd @ params["embed"].T
+            return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32), tuple(updated)
+
+        return jax.lax.fori_loop(0, args.new_tokens, step, (tokens_b, caches))
+
+    tokens_b = jnp.zeros((args.batch,), jnp.int32)
+    caches = tuple((empty, empty) for _ in range(layers))
+
+    def run():
+        return jax.block_until_ready(loop(params, tokens_b, caches))
+
+    run()  # compile
+    return run
+
+
+def time_jax_sampling(args: argparse.Namespace) -> dict:
+    """The median of `repeats` full decodes (prefill + new tokens); a one-token decode (prefill +
+    one draw) gives the prefill time and, by difference, the step (a difference of medians: noisy
+    at toy sizes); and, timed in turn with them, the bare matmul loop's step."""
+    decodes, compile_s = jax_decodes(args)
+    medians = interleaved_medians({**decodes, "bare": bare_matmul_loop(args)}, args.repeats)
+    total_s, prefill_s = medians["decode"], medians["prefill"]
     step_s = (total_s - prefill_s) / max(args.new_tokens - 1, 1)
+    bare_step_s = medians["bare"] / args.new_tokens
     return {"sample_tokens_per_s": round(args.batch * args.new_tokens / total_s, 1),
             "sample_s": round(total_s, 4), "compile_s": round(compile_s, 2),
-            "prefill_ms": round(1e3 * prefill_s, 3), "decode_step_ms": round(1e3 * step_s, 3)}
+            "prefill_ms": round(1e3 * prefill_s, 3), "decode_step_ms": round(1e3 * step_s, 3),
+            "bare_step_ms": round(1e3 * bare_step_s, 3),
+            # the step's speed as a share of the memory-bound reference's (1.0: as fast); None
+            # where the difference of medians is not positive (toy sizes)
+            "bare_over_decode_step": round(bare_step_s / step_s, 2) if step_s > 0 else None}
 
 
 def time_hf_sampling(args: argparse.Namespace) -> dict:
@@ -252,7 +321,9 @@ def sample_bench(args: argparse.Namespace) -> dict:
               "new_tokens": args.new_tokens, "temperature": args.temperature,
               "top_k": args.top_k, "top_p": args.top_p, "repeats": args.repeats,
               **time_jax_sampling(args)}
-    print(f"jaxformer: {result['sample_tokens_per_s']} tokens/s", file=sys.stderr)
+    print(f"jaxformer: {result['sample_tokens_per_s']} tokens/s, decode step "
+          f"{result['decode_step_ms']} ms, bare matmul loop {result['bare_step_ms']} ms",
+          file=sys.stderr)
     if args.peer:
         result.update(time_hf_sampling(args))
         result["speedup_over_hf"] = round(result["sample_tokens_per_s"] / result["hf_tokens_per_s"], 2)

@@ -45,6 +45,7 @@ def test_sample_bench_prints_one_json_object():
     assert result["new_tokens"] == 6 and result["top_k"] == 50 and result["top_p"] == 0.9
     assert result["sample_tokens_per_s"] > 0 and result["prefill_ms"] > 0
     assert result["compile_s"] > 0 and isinstance(result["decode_step_ms"], float)  # noisy here
+    assert result["bare_step_ms"] > 0 and "bare_over_decode_step" in result  # the reference loop
     assert "hf_tokens_per_s" not in result  # --no-peer: transformers is not run
 
 
