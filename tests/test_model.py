@@ -220,18 +220,19 @@ def test_head_of_the_other_families_reads_the_embedding_table(families, kind):
         np.testing.assert_allclose(model.logits(hidden), hidden @ table.T, atol=1e-5)
 
 
-# XLA's optimising defaults (conftest.py compiles for speed instead): "bit for bit" below is about
-# what the compiler users run makes of a program with and without sown outputs. Unoptimised, the
-# extra outputs change the encoder-decoder's fusion and its logits by 1 ulp.
-XLA_DEFAULTS = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+# XLA's own fusion emitters (conftest.py picks the classic ones, which compile faster): "bit for
+# bit" below is about what the compiler users run makes of a program with and without sown outputs.
+# With the classic emitters the extra outputs change the encoder-decoder's fusion and its logits
+# by 1 ulp.
+FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=XLA_DEFAULTS)
-def apply_optimized(graphdef, state, args):
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FUSION_EMITTERS)
+def apply_plain(graphdef, state, args):
     return nnx.merge(graphdef, state)(*args)
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=XLA_DEFAULTS)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FUSION_EMITTERS)
 def apply_sown(graphdef, state, args):
     model = nnx.merge(graphdef, state)
     return model(*args), nnx.pop(model, nnx.Intermediate)
@@ -246,7 +247,7 @@ def test_instrumented_models_compute_the_same_outputs(kind, attention):
     outputs, sown = [], []
     for scan in (True, False):
         model = build_model(family_config(kind, attention=attention, scan_layers=scan), seed=0)
-        plain = apply_optimized(*nnx.split(model), forward_args(kind, tokens))
+        plain = apply_plain(*nnx.split(model), forward_args(kind, tokens))
         for config in (ATTENTION_WEIGHTS, DIAGNOSTICS):
             graphdef, state = nnx.split(instrument(nnx.clone(model), config))
             args = forward_args(kind, tokens)
