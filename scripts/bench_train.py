@@ -6,7 +6,9 @@ Shapes (`--shape`): bench-small (vocab 8192, d_model 256, 4 layers, 4 heads, d_f
 context 1024, batch 8) for accelerators; tiny, for smoke tests. Each family is built in its peer's layout so both sides
 compute the same function: decoder = GPT-2 (pre-LN, tanh GELU, learned positions, tied head),
 encoder = BERT for masked LM (post-LN, embedding LayerNorm, exact GELU, MLM transform + tied head),
-encoder-decoder = torch.nn.Transformer (post-LN, ReLU, final norms) with embeddings and a tied head.
+encoder-decoder = torch.nn.Transformer (post-LN, ReLU, final norms) with embeddings and a tied head,
+llama = conf/model/llama.yaml's decoder (pre-RMSNorm, SwiGLU, rope, 2 query heads per kv head, no
+biases, untied head) against transformers' LlamaForCausalLM of the config jaxformer exports for it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from jaxformer.objectives import get_objective
 from jaxformer.training.step import make_train_step
 from jaxformer.training.throughput import measured_matmul_peak
 
-FAMILIES = ("decoder", "encoder", "encoder_decoder")
-OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "seq2seq"}
+FAMILIES = ("decoder", "encoder", "encoder_decoder", "llama")
+OBJECTIVE = {"decoder": "clm", "encoder": "mlm", "encoder_decoder": "seq2seq", "llama": "clm"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +64,8 @@ SHAPES = {
 
 def model_config(family: str, shape: Shape, dtype: str = "float32") -> ModelConfig:
     """The jaxformer model that computes what the family's PyTorch peer computes."""
-    common = dict(kind=family, vocab_size=shape.vocab, max_len=shape.context,
+    common = dict(kind="decoder" if family == "llama" else family, vocab_size=shape.vocab,
+                  max_len=shape.context,
                   d_model=shape.d_model, n_heads=shape.n_heads, n_layers=shape.n_layers,
                   d_ff=shape.d_ff, dropout=0.0, dtype=dtype, positions="learned")
     layouts = {
@@ -71,8 +74,11 @@ def model_config(family: str, shape: Shape, dtype: str = "float32") -> ModelConf
                         type_vocab_size=2, layer_norm_eps=1e-12),
         "encoder_decoder": dict(activation="relu", norm="post", final_norm=True,
                                 layer_norm_eps=1e-5),
+        "llama": dict(positions="rope", norm="pre", norm_type="rmsnorm", final_norm=True,
+                      mlp="glu", activation="silu", n_kv_heads=max(1, shape.n_heads // 2),
+                      bias=False, tie_embeddings=False, layer_norm_eps=1e-5),
     }
-    return ModelConfig(**common, **layouts[family])
+    return ModelConfig(**{**common, **layouts[family]})
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
@@ -95,7 +101,7 @@ def random_batch(family: str, shape: Shape, seed: int = 0) -> dict[str, np.ndarr
     b, t, v = shape.batch, shape.context, shape.vocab
     tokens = rng.integers(5, v, (b, t + 1), dtype=np.int32)
     ones = np.ones((b, t + 1), np.float32)
-    if family == "decoder":
+    if OBJECTIVE[family] == "clm":
         return {"tokens": tokens, "loss_mask": ones}
     if family == "encoder":
         masked = (rng.random((b, t)) < 0.15).astype(np.float32)
@@ -213,6 +219,16 @@ def torch_peer(family: str, shape: Shape):
             vocab_size=shape.vocab, n_positions=shape.context, n_embd=shape.d_model,
             n_layer=shape.n_layers, n_head=shape.n_heads, n_inner=shape.d_ff,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+        return model, lambda b: model(input_ids=b["tokens"][:, :-1],
+                                      labels=b["tokens"][:, :-1]).loss
+    if family == "llama":  # the config jaxformer's own export writes for this model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from jaxformer.interop.llama import model_config_to_llama_config
+
+        hf_config = model_config_to_llama_config(model_config(family, shape))
+        hf_config.pop("model_type"), hf_config.pop("architectures")
+        model = LlamaForCausalLM(LlamaConfig(**hf_config))
         return model, lambda b: model(input_ids=b["tokens"][:, :-1],
                                       labels=b["tokens"][:, :-1]).loss
     if family == "encoder":

@@ -76,6 +76,17 @@ def test_flops_per_token_by_hand():
                                                                      + d * v) + 6 * n * t * d
     assert flops_per_token("encoder", SHAPES["bench-small"]) == 6 * (n * (4 * d * d + 2 * d * f)
                                                                      + d * d + d * v) + 12 * n * t * d
+    # llama: q and out d x d, k and v d x d/2 (2 query heads per kv head), SwiGLU's three
+    # d x 680 (2/3 of d_ff, to a multiple of 8), an untied d x V head (the input table is a lookup)
+    assert flops_per_token("llama", SHAPES["bench-small"]) == 6 * (
+        n * (2 * d * d + 2 * d * d // 2 + 3 * d * 680) + d * v) + 6 * n * t * d
+
+
+def test_llama_peer_is_transformers_llama_of_the_exported_config():
+    done = run_bench("peer", "--shape", "tiny", "--model", "llama", "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["peer"] == "LlamaForCausalLM" and result["peer_tokens_per_s"] > 0
 
 
 def test_unknown_subcommand_is_refused():
