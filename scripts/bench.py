@@ -16,7 +16,8 @@
     sample    tokens/s of KV-cache sampling (jaxformer.models.decoding.generate, after compile, median of
               --repeats), prefill and per-step times; the step time of a bare loop of the same
               matmuls (the memory-bound reference: bare_over_decode_step); and in the same run
-              Hugging Face `GPT2LMHeadModel.generate()` of the same shape on PyTorch CPU (--no-peer skips it);
+              Hugging Face `GPT2LMHeadModel.generate()` of the same shape on PyTorch CPU
+              (--no-peer skips it);
               defaults: vocab 8192, d_model 256, 4 layers, 4 heads, d_ff 1024, context 256,
               8 prompts of 16 tokens, 112 new tokens, temperature 0.8, top-k 50, top-p 0.9
 

@@ -10,7 +10,6 @@ it is the fastest of a few float32 matmuls measured once at the start of the run
 from __future__ import annotations
 
 import functools
-
 import time
 from dataclasses import dataclass
 
