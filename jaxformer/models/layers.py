@@ -47,12 +47,54 @@ def axes(*names: str, units: dict[str, int] | None = None) -> dict:
             **({"shard_units": tuple(units.items())} if units else {})}
 
 
+@jax.custom_vjp
+def _dense_matmul(x_tk: jax.Array, kernel_kn: jax.Array) -> jax.Array:
+    return jnp.einsum("...k,kn->...n", x_tk, kernel_kn)
+
+
+def _dense_matmul_fwd(x_tk, kernel_kn):
+    return _dense_matmul(x_tk, kernel_kn), (x_tk, kernel_kn)
+
+
+def _dense_matmul_bwd(residuals, dy_tn):
+    """The kernel gradient contracts over the tokens. XLA:CPU hands the right-hand side of a
+    dot to XNNPACK as (N, K), so x^T dy materialises dy transposed, fused into the activation's
+    backward with strided reads (~35 ms a layer for a Llama-style SwiGLU at bench-small);
+    (dy^T x)^T transposes x instead. Each layer takes whichever of the two is narrower."""
+    x_tk, kernel_kn = residuals
+    dx_tk = jnp.einsum("...n,kn->...k", dy_tn, kernel_kn)
+    x_2d, dy_2d = x_tk.reshape(-1, x_tk.shape[-1]), dy_tn.reshape(-1, dy_tn.shape[-1])
+    if x_2d.shape[1] <= dy_2d.shape[1]:
+        dkernel_kn = jnp.einsum("kt,tn->kn", x_2d.T, dy_2d)
+    else:
+        dkernel_kn = jnp.einsum("nt,tk->kn", dy_2d.T, x_2d)
+    return dx_tk, dkernel_kn.astype(kernel_kn.dtype)
+
+
+_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+    """nnx.Linear's dot: on CPU the matmul above (same forward, the kernel gradient's transpose
+    on the narrower operand: docs/performance.md), elsewhere lax.dot_general (GPU and TPU
+    matmuls read transposed operands in place)."""
+    linear = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
+    if (not linear or jax.default_backend() != "cpu" or precision is not None
+            or kwargs.get("out_sharding") is not None):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, **kwargs)
+    return _dense_matmul(lhs, rhs).astype(kwargs.get("preferred_element_type") or lhs.dtype)
+
+
 def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, bias: bool | None = None,
           names: tuple[str, str] = ("embed", "features"), units: dict[str, int] | None = None):
     """A Linear layer with the model's initialiser, dtypes and bias switch; `names` are the
     kernel's logical axes (in, out)."""
     return nnx.Linear(d_in, d_out, use_bias=cfg.bias if bias is None else bias,
-                      kernel_init=dense_init(cfg), rngs=rngs, kernel_metadata=axes(*names, units=units),
+                      kernel_init=dense_init(cfg), rngs=rngs,
+                      # a remat policy that names dots (dots_saveable, ...) must see lax's
+                      dot_general=(dense_dot_general if cfg.remat in ("none", "full")
+                                   else jax.lax.dot_general),
+                      kernel_metadata=axes(*names, units=units),
                       bias_metadata=axes(names[1], units=units), **dtypes(cfg))
 
 
