@@ -65,9 +65,9 @@ SHAPES = {
 def model_config(family: str, shape: Shape, dtype: str = "float32") -> ModelConfig:
     """The jaxformer model that computes what the family's PyTorch peer computes."""
     common = dict(kind="decoder" if family == "llama" else family, vocab_size=shape.vocab,
-                  max_len=shape.context,
-                  d_model=shape.d_model, n_heads=shape.n_heads, n_layers=shape.n_layers,
-                  d_ff=shape.d_ff, dropout=0.0, dtype=dtype, positions="learned")
+                  max_len=shape.context, d_model=shape.d_model, n_heads=shape.n_heads,
+                  n_layers=shape.n_layers, d_ff=shape.d_ff, dropout=0.0, dtype=dtype,
+                  positions="learned")
     layouts = {
         "decoder": dict(activation="gelu_tanh", norm="pre", layer_norm_eps=1e-5),
         "encoder": dict(activation="gelu", norm="post", embed_norm=True, final_norm=False,

@@ -119,10 +119,12 @@ def random_tokens(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).integers(5, VOCAB, size=shape).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def apply(graphdef, state, args):
-    # jitted once per model config: an eager call would re-trace and recompile the layer scan
+def run_model(graphdef, state, args):
     return nnx.merge(graphdef, state)(*args)
+
+
+# jitted once per model config: an eager call would re-trace and recompile the layer scan
+apply = jax.jit(run_model, static_argnums=0)
 
 
 def forward_args(kind: str, tokens_bt, valid_bt=None, src_bs=None, src_valid_bs=None):
@@ -227,9 +229,7 @@ def test_head_of_the_other_families_reads_the_embedding_table(families, kind):
 FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
 
 
-@functools.partial(jax.jit, static_argnums=0, compiler_options=FUSION_EMITTERS)
-def apply_plain(graphdef, state, args):
-    return nnx.merge(graphdef, state)(*args)
+apply_plain = jax.jit(run_model, static_argnums=0, compiler_options=FUSION_EMITTERS)
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FUSION_EMITTERS)
