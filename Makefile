@@ -30,10 +30,11 @@ demo: install
 	$(BIN)/python -m jaxformer.sample checkpoint=$(DEMO_DIR) prompt=123+456= \
 		sampling.temperature=1.0 sampling.num_samples=4
 
-# Two pytest workers (pytest-xdist), a test file each at a time so module fixtures are built once:
-# the suite is compile-bound and mostly single-threaded: 10:09 -> 7:42 on 2 cores (clean clone).
-# PYTEST_WORKERS=0 runs it in one process.
-PYTEST_WORKERS ?= 2
+# Three pytest workers (pytest-xdist), a test file each at a time so module fixtures are built
+# once: the suite is compile-bound and mostly single-threaded, and a third worker fills the time
+# the others wait on their subprocesses (2 cores: 8:30 with two workers, 7:44 with three, 8:26
+# with four; docs/performance.md, "The test suite"). PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 3
 test: install-dev
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 

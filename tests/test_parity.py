@@ -22,7 +22,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx, traverse_util  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from jaxformer.config import ModelConfig  # noqa: E402
 from jaxformer.interop import (  # noqa: E402
@@ -117,6 +116,8 @@ def test_encoder_sentence_embeddings_match_sentence_transformers(minilm_dir, min
     _, valid_bt, hidden_btd = minilm_hidden
     pooled_bd = (hidden_btd * valid_bt[..., None]).sum(1) / valid_bt.sum(1, keepdims=True)
     embeddings_bd = pooled_bd / np.linalg.norm(pooled_bd, axis=-1, keepdims=True)
+    from sentence_transformers import SentenceTransformer  # 3 s to import: only this test's
+
     reference = SentenceTransformer(str(minilm_dir), device="cpu")
     assert_close(embeddings_bd, reference.encode(SENTENCES), "MiniLM sentence embeddings")
 
@@ -187,9 +188,11 @@ def test_decoder_exports_to_gpt2_and_back(tokens_bt, tmp_path, scan_layers):
 LLAMA_SIZES = dict(vocab_size=GPT2_SIZES["vocab_size"], hidden_size=32, intermediate_size=48,
                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    max_position_embeddings=16, rms_norm_eps=1e-6)
+# (config class, model class) by name: transformers imports a model's module (and torch's
+# kernels) on first access, which these tests' collection in every pytest worker should not pay
 HF_CAUSAL_LMS = {
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
 }
 LLAMA_CASES = {  # name -> (model_type, config changes)
     "llama": ("llama", {"tie_word_embeddings": False}),
@@ -203,7 +206,7 @@ LLAMA_CASES = {  # name -> (model_type, config changes)
 
 def hf_causal_lm_config(model_type: str, **changes) -> transformers.PretrainedConfig:
     config_class, _, sizes = HF_CAUSAL_LMS[model_type]
-    return config_class(**{**LLAMA_SIZES, **sizes, **changes})
+    return getattr(transformers, config_class)(**{**LLAMA_SIZES, **sizes, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +215,7 @@ def hf_llamas(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path]]:
     models = {}
     for case, (model_type, changes) in LLAMA_CASES.items():
         torch.manual_seed(0)
-        model_class = HF_CAUSAL_LMS[model_type][1]
+        model_class = getattr(transformers, HF_CAUSAL_LMS[model_type][1])
         reference = perturb_torch(model_class(hf_causal_lm_config(model_type, **changes)))
         folder = tmp_path_factory.mktemp(case)
         reference.save_pretrained(folder, safe_serialization=True)
@@ -274,7 +277,7 @@ def test_decoder_exports_to_llama_and_back(tokens_bt, tmp_path, case, changes):
     save_hf_decoder(decoder, cfg, tmp_path)
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     model_type = "qwen3" if cfg.qk_norm else "llama"
-    assert isinstance(exported, HF_CAUSAL_LMS[model_type][1])
+    assert isinstance(exported, getattr(transformers, HF_CAUSAL_LMS[model_type][1]))
     assert_close(logits_btv, hf_logits(exported, tokens_bt), f"Decoder -> {case} logits")
     reloaded = load_hf_decoder(tmp_path, scan_layers=cfg.scan_layers)
     np.testing.assert_array_equal(run_model(reloaded, jnp.asarray(tokens_bt)), logits_btv)

@@ -37,7 +37,7 @@ RUN_CLI = [
     "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.max_len=16",
     "task.max_digits=2", "task.eval_size=16", "trainer.batch_size=8", "trainer.eval_batch_size=16",
     "trainer.log_every=1", "trainer.eval_every=100", "trainer.checkpoint_every=20",
-    "trainer.keep_checkpoints=20", "trainer.steps=300", "trainer.progress=false",
+    "trainer.keep_checkpoints=20", "trainer.steps=100", "trainer.progress=false",
     "logger.wandb.mode=offline",
 ]
 
