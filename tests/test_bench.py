@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import REPO
+
+
+def bench_module(name: str = "bench"):
+    """A module of scripts/ imported in this process (scripts/ is no package): its subcommands
+    run without a Python start-up of their own."""
+    if str(REPO / "scripts") not in sys.path:
+        sys.path.insert(0, str(REPO / "scripts"))
+    return importlib.import_module(name)
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
@@ -68,8 +79,8 @@ def test_train_bench_with_its_peer_prints_one_json_object(tmp_path):
 
 def test_flops_per_token_by_hand():
     """bench-small decoder: 6 x (4 blocks of 4d^2 + 2df, plus the d x V head) + 6 L T d."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from bench_train import SHAPES, flops_per_token
+    bench_train = bench_module("bench_train")
+    SHAPES, flops_per_token = bench_train.SHAPES, bench_train.flops_per_token
 
     d, f, v, n, t = 256, 1024, 8192, 4, 256
     assert flops_per_token("decoder", SHAPES["bench-small"]) == 6 * (n * (4 * d * d + 2 * d * f)
@@ -82,13 +93,13 @@ def test_flops_per_token_by_hand():
         n * (2 * d * d + 2 * d * d // 2 + 3 * d * 680) + d * v) + 6 * n * t * d
 
 
-def test_llama_peer_is_transformers_llama_of_the_exported_config():
-    done = run_bench("peer", "--shape", "tiny", "--model", "llama", "--steps", "1")
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+def test_llama_peer_is_transformers_llama_of_the_exported_config(capsys):
+    result = bench_module().main(["peer", "--shape", "tiny", "--model", "llama", "--steps", "1"])
+    assert json.loads(capsys.readouterr().out) == result  # the one JSON object, printed
     assert result["peer"] == "LlamaForCausalLM" and result["peer_tokens_per_s"] > 0
 
 
-def test_unknown_subcommand_is_refused():
-    done = run_bench("nope")
-    assert done.returncode == 2 and "invalid choice: 'nope'" in done.stderr
+def test_unknown_subcommand_is_refused(capsys):
+    with pytest.raises(SystemExit) as exited:
+        bench_module().main(["nope"])
+    assert exited.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err

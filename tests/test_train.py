@@ -88,29 +88,26 @@ TINY_CLI = [
 ]
 
 
-def test_cli_trains_logs_and_resumes_with_wandb_offline(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*TINY_CLI, "trainer.steps=2", f"hydra.run.dir={run_dir}", "logger.wandb.mode=offline"]
-    first = run_module("jaxformer.train", *args)
+def test_cli_sweep_trains_logs_and_resumes_with_wandb_offline(tmp_path):
+    """One `-m` sweep of two jobs with offline wandb, then one job continued by a plain run of
+    the same command with more steps (one sweep serves what a single run and a sweep must show)."""
+    sweep = tmp_path / "sweep"
+    first = run_module("jaxformer.train", "-m", *TINY_CLI, "trainer.steps=2", "model.n_layers=1,2",
+                       f"hydra.sweep.dir={sweep}", "logger.wandb.mode=offline")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "held-out greedy exact match after 2 steps" in first.stdout
-    assert list((run_dir / "wandb").glob("offline-run-*"))
-    assert (run_dir / ".hydra" / "config.yaml").exists()
-    second = run_module("jaxformer.train", *args[:-3], "trainer.steps=4", *args[-2:])
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4]
-    assert (run_dir / "wandb_run_id").exists()
-
-
-def test_cli_multirun_sweep(tmp_path):
-    proc = run_module(
-        "jaxformer.train", "-m", *TINY_CLI, "trainer.steps=2", "model.n_layers=1,2",
-        f"hydra.sweep.dir={tmp_path}", "logger.wandb.mode=disabled",
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
+    runs = sorted(p.parent for p in sweep.glob("*/metrics.jsonl"))
     assert len(runs) == 2
     assert all(records(run, "eval") for run in runs)
+    assert first.stdout.count("held-out greedy exact match after 2 steps") == 2
+    run_dir = runs[1]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    run_id = (run_dir / "wandb_run_id").read_text()
+    second = run_module("jaxformer.train", *TINY_CLI, "trainer.steps=4", "model.n_layers=2",
+                        f"hydra.run.dir='{run_dir}'", "logger.wandb.mode=offline")  # '=' in it
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [r["step"] for r in records(run_dir, "train")] == [1, 2, 3, 4]
+    assert (run_dir / "wandb_run_id").read_text() == run_id  # the same wandb run continues
 
 
 LLAMA_SWITCHES = {"positions": "rope", "norm_type": "rmsnorm", "final_norm": True, "mlp": "glu",
