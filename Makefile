@@ -32,7 +32,7 @@ demo: install
 
 # Three pytest workers (pytest-xdist), a test file each at a time so module fixtures are built
 # once: the suite is compile-bound and mostly single-threaded, and a third worker fills the time
-# the others wait on their subprocesses (2 cores: 8:30 with two workers, 7:44 with three, 8:26
+# the others wait on their subprocesses (2 cores: 8:32 with two workers, 7:44 with three, 8:26
 # with four; docs/performance.md, "The test suite"). PYTEST_WORKERS=0 runs it in one process.
 PYTEST_WORKERS ?= 3
 test: install-dev

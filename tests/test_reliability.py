@@ -78,13 +78,8 @@ def uninterrupted_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProce
     return run_dir, done
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(uninterrupted_run) -> Path:
-    return uninterrupted_run[0]
-
-
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM])
-def test_stopped_run_resumes_to_the_same_bits(uninterrupted, tmp_path, stop):
+def test_stopped_run_resumes_to_the_same_bits(uninterrupted_run, tmp_path, stop):
     """SIGKILL at an arbitrary point (mid-step, even mid-save) or SIGTERM (a clean stop with its
     own checkpoint), then the same command: metrics.jsonl equals the uninterrupted run's."""
     run_dir = tmp_path / "run"
@@ -105,7 +100,7 @@ def test_stopped_run_resumes_to_the_same_bits(uninterrupted, tmp_path, stop):
 
     resumed = run_module("jaxformer.train", *RUN_CLI, f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert records(run_dir) == records(uninterrupted)
+    assert records(run_dir) == records(uninterrupted_run[0])
     assert (run_dir / "wandb_run_id").read_text() == run_id  # the wandb run continues
     assert {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")} == {run_id}
 

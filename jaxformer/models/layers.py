@@ -89,7 +89,8 @@ def project(x_btk: jax.Array, kernel_kn: jax.Array) -> jax.Array:
     """`x @ kernel` as the dense layers compute it: the untied output layer's d x V kernel
     gradient then transposes the hidden states on CPU, not the (tokens, vocab) d(logits): Llama
     +3-11% tokens/s in 5 of 5 runs side by side. The tied head keeps `@` (through the table's
-    transpose it was 1-12% slower in 6 of 8 runs; docs/performance.md)."""
+    transpose it was 1-12% slower in 6 of 8 runs; docs/performance.md). Heads sit outside the
+    remat'd blocks, so no remat policy needs to see this dot."""
     return dense_dot_general(x_btk, kernel_kn, (((x_btk.ndim - 1,), (0,)), ((), ())))
 
 
